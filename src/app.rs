@@ -1,0 +1,162 @@
+//! Wires the subsystems together: binds the listener, starts the probes, accepts clients, and
+//! shuts down gracefully (stop accepting, let sessions reach an idle point within
+//! `shutdown_timeout`, then `57P01` to the rest).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::auth::Credentials;
+use crate::client::cancel::CancelRegistry;
+use crate::cluster::Cluster;
+use crate::config::Config;
+use crate::net::{TlsSetupError, client_tls_acceptor, server_tls_connector};
+use crate::pool::Pools;
+use crate::router::ReplicaPicker;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Tls(#[from] TlsSetupError),
+}
+
+/// State shared by every client task, the probes and (later) the admin console.
+pub struct Shared {
+    config: ArcSwap<Config>,
+    credentials: ArcSwap<Credentials>,
+    pub tls_acceptor: Option<TlsAcceptor>,
+    pub tls_connector: Option<TlsConnector>,
+    pub cluster: Arc<Cluster>,
+    pub pools: Pools,
+    pub replicas: ReplicaPicker,
+    pub cancels: CancelRegistry,
+    /// Connected clients, checked against `max_client_conn`.
+    pub clients: AtomicUsize,
+    /// Cancelled when a graceful shutdown begins.
+    pub shutdown: CancellationToken,
+}
+
+impl Shared {
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    pub fn credentials(&self) -> Arc<Credentials> {
+        self.credentials.load_full()
+    }
+}
+
+/// A bound, not yet serving proxy. Tests bind on port 0 and read `local_addr()`.
+pub struct Proxy {
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    tracker: TaskTracker,
+}
+
+impl Proxy {
+    pub async fn bind(config: Config) -> Result<Self, AppError> {
+        let addr = config.proxy.listen;
+        let listener =
+            TcpListener::bind(addr).await.map_err(|source| AppError::Bind { addr, source })?;
+        let shared = Arc::new(Shared {
+            tls_acceptor: client_tls_acceptor(&config.proxy)?,
+            tls_connector: server_tls_connector(&config.proxy)?,
+            cluster: Cluster::new(&config.nodes),
+            credentials: ArcSwap::from_pointee(Credentials::from_config(&config)),
+            config: ArcSwap::from_pointee(config),
+            pools: Pools::default(),
+            replicas: ReplicaPicker::default(),
+            cancels: CancelRegistry::default(),
+            clients: AtomicUsize::new(0),
+            shutdown: CancellationToken::new(),
+        });
+        Ok(Proxy { shared, listener, tracker: TaskTracker::new() })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().unwrap_or_else(|_| self.shared.config().proxy.listen)
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Serves until `shutdown` resolves, then shuts down gracefully.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) {
+        let Proxy { shared, listener, tracker } = self;
+        let probes = CancellationToken::new();
+        let background = TaskTracker::new();
+        shared.cluster.spawn_probes(&shared.config().cluster, &background, &probes);
+        info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "pgpilot listening");
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((tcp, peer)) => {
+                        tracker.spawn(crate::client::serve(tcp, peer, shared.clone()));
+                    }
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+            }
+        }
+        drop(listener);
+        info!("shutting down: no new connections, waiting for sessions to finish");
+        shared.shutdown.cancel();
+        tracker.close();
+        // Client tasks end themselves within shutdown_timeout; probes stop once they have.
+        let grace = shared.config().proxy.shutdown_timeout.0 + Duration::from_secs(1);
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            warn!("some client tasks did not finish within the shutdown grace period");
+        }
+        probes.cancel();
+        background.close();
+        let _ = tokio::time::timeout(Duration::from_secs(2), background.wait()).await;
+        info!("pgpilot stopped");
+    }
+}
+
+/// Binds and serves `config` until `shutdown` resolves.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
+    Proxy::bind(config).await?.serve(shutdown).await;
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    info!("shutdown signal received");
+}

@@ -1,0 +1,374 @@
+//! The typed configuration: the TOML surface, defaults, environment overrides and validation.
+//! Loading never panics; every problem comes back as a `ConfigError` that names the key.
+
+mod env;
+mod units;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use units::{ByteSize, Dur, format_duration, parse_duration};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{0}")]
+    Env(String),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub cluster: ClusterConfig,
+    #[serde(default)]
+    pub nodes: Vec<NodeConfig>,
+    #[serde(default)]
+    pub users: Vec<UserConfig>,
+    #[serde(default)]
+    pub databases: Vec<DatabaseConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    Transaction,
+    Session,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthType {
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    Md5,
+    Trust,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientTlsMode {
+    Disable,
+    Allow,
+    Require,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServerTlsMode {
+    Disable,
+    Prefer,
+    Require,
+    VerifyFull,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    pub listen: SocketAddr,
+    pub admin_users: Vec<String>,
+    pub stats_users: Vec<String>,
+    pub max_client_conn: usize,
+    pub pool_mode: PoolMode,
+    pub pool_size: usize,
+    pub min_pool_size: usize,
+    pub query_wait_timeout: Dur,
+    pub server_idle_timeout: Dur,
+    pub server_lifetime: Dur,
+    pub server_connect_timeout: Dur,
+    /// Largest message body a client may send; bigger ones close that client with `08P01`.
+    pub max_message_size: ByteSize,
+    /// How clients prove who they are.
+    pub auth_type: AuthType,
+    /// How long a graceful shutdown lets open transactions finish before `57P01`.
+    pub shutdown_timeout: Dur,
+    pub client_tls_mode: ClientTlsMode,
+    pub client_tls_cert: Option<PathBuf>,
+    pub client_tls_key: Option<PathBuf>,
+    pub server_tls_mode: ServerTlsMode,
+    pub server_tls_ca: Option<PathBuf>,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 6432)),
+            admin_users: vec!["admin".into()],
+            stats_users: Vec::new(),
+            max_client_conn: 10_000,
+            pool_mode: PoolMode::Session,
+            pool_size: 20,
+            min_pool_size: 0,
+            query_wait_timeout: Dur::secs(30),
+            server_idle_timeout: Dur::secs(600),
+            server_lifetime: Dur::secs(3600),
+            server_connect_timeout: Dur::secs(5),
+            max_message_size: ByteSize(64 << 20),
+            auth_type: AuthType::ScramSha256,
+            shutdown_timeout: Dur::secs(30),
+            client_tls_mode: ClientTlsMode::Disable,
+            client_tls_cert: None,
+            client_tls_key: None,
+            server_tls_mode: ServerTlsMode::Disable,
+            server_tls_ca: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    pub listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailoverMode {
+    Auto,
+    Manual,
+    Off,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    pub probe_interval: Dur,
+    /// Bound on one probe (connect + query); a hung server counts as a failed probe.
+    pub probe_timeout: Dur,
+    pub failover: FailoverMode,
+    pub failover_timeout: Dur,
+    pub failover_wait_timeout: Dur,
+    pub max_failover_lag: ByteSize,
+    pub max_replica_lag: ByteSize,
+    pub monitor_user: String,
+    pub monitor_password: Option<String>,
+    /// The database probes connect to.
+    pub monitor_database: String,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            probe_interval: Dur::ms(500),
+            probe_timeout: Dur::secs(2),
+            failover: FailoverMode::Auto,
+            failover_timeout: Dur::secs(3),
+            failover_wait_timeout: Dur::secs(30),
+            max_failover_lag: ByteSize(16 << 20),
+            max_replica_lag: ByteSize(1 << 20),
+            monitor_user: "postgres".into(),
+            monitor_password: None,
+            monitor_database: "postgres".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub name: String,
+    pub host: String,
+    #[serde(default = "default_pg_port")]
+    pub port: u16,
+    #[serde(default)]
+    pub priority: i32,
+    #[serde(default)]
+    pub no_failover: bool,
+}
+
+fn default_pg_port() -> u16 {
+    5432
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    /// A plaintext password or a `SCRAM-SHA-256$...` verifier (then `server_password` is needed).
+    #[serde(default)]
+    pub password: Option<String>,
+    /// The password pgpilot uses towards PostgreSQL; defaults to `password` when plaintext.
+    #[serde(default)]
+    pub server_password: Option<String>,
+}
+
+impl UserConfig {
+    pub fn password_is_verifier(&self) -> bool {
+        self.password.as_deref().is_some_and(|p| p.starts_with("SCRAM-SHA-256$"))
+    }
+
+    /// The password pgpilot presents to PostgreSQL for this user.
+    pub fn backend_password(&self) -> Option<&str> {
+        self.server_password
+            .as_deref()
+            .or_else(|| self.password.as_deref().filter(|_| !self.password_is_verifier()))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Routing {
+    Auto,
+    Primary,
+    Replica,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    pub name: String,
+    #[serde(default = "default_routing")]
+    pub routing: Routing,
+}
+
+fn default_routing() -> Routing {
+    Routing::Primary
+}
+
+impl Config {
+    /// Reads `path`, applies `PGPILOT_*` overrides from the process environment and validates.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        Self::from_toml_with_env(&text, path, std::env::vars())
+    }
+
+    /// Parses TOML text, applies the given environment and validates.
+    pub fn from_toml_with_env(
+        text: &str,
+        path: &Path,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let parse_err = |message: String| ConfigError::Parse { path: path.into(), message };
+        let mut table: toml::Table = text.parse().map_err(|e| parse_err(format!("{e}")))?;
+        env::apply_overrides(&mut table, vars).map_err(ConfigError::Env)?;
+        let config: Config = Config::deserialize(table).map_err(|e| parse_err(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text without the environment (tests and embedded configs).
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        Self::from_toml_with_env(text, Path::new("<inline>"), std::iter::empty())
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.nodes.is_empty() {
+            return bad("at least one [[nodes]] entry is required".into());
+        }
+        unique("nodes", self.nodes.iter().map(|n| n.name.as_str()))?;
+        unique("users", self.users.iter().map(|u| u.name.as_str()))?;
+        unique("databases", self.databases.iter().map(|d| d.name.as_str()))?;
+        if self.databases.is_empty() {
+            return bad("at least one [[databases]] entry is required".into());
+        }
+        for db in &self.databases {
+            if is_admin_database(&db.name) {
+                return bad(format!("database name \"{}\" is reserved for the admin console", db.name));
+            }
+        }
+        let p = &self.proxy;
+        if p.pool_size == 0 {
+            return bad("proxy.pool_size must be at least 1".into());
+        }
+        if p.min_pool_size > p.pool_size {
+            return bad("proxy.min_pool_size cannot exceed proxy.pool_size".into());
+        }
+        if p.max_client_conn == 0 {
+            return bad("proxy.max_client_conn must be at least 1".into());
+        }
+        if p.max_message_size.0 < 1024 {
+            return bad("proxy.max_message_size must be at least 1kB".into());
+        }
+        if p.client_tls_mode != ClientTlsMode::Disable
+            && (p.client_tls_cert.is_none() || p.client_tls_key.is_none())
+        {
+            return bad("proxy.client_tls_mode needs client_tls_cert and client_tls_key".into());
+        }
+        if p.server_tls_mode == ServerTlsMode::VerifyFull && p.server_tls_ca.is_none() {
+            return bad("proxy.server_tls_mode = \"verify-full\" needs server_tls_ca".into());
+        }
+        for u in &self.users {
+            if u.password_is_verifier() {
+                if u.server_password.is_none() {
+                    return bad(format!(
+                        "user \"{}\": a SCRAM verifier as password needs server_password",
+                        u.name
+                    ));
+                }
+                if p.auth_type == AuthType::Md5 {
+                    return bad(format!(
+                        "user \"{}\": md5 authentication needs a plaintext password",
+                        u.name
+                    ));
+                }
+            }
+            if u.password.is_none() && p.auth_type != AuthType::Trust {
+                return bad(format!("user \"{}\" has no password", u.name));
+            }
+        }
+        if self.cluster.probe_interval.0 < Duration::from_millis(10) {
+            return bad("cluster.probe_interval must be at least 10ms".into());
+        }
+        Ok(())
+    }
+
+    pub fn user(&self, name: &str) -> Option<&UserConfig> {
+        self.users.iter().find(|u| u.name == name)
+    }
+
+    pub fn database(&self, name: &str) -> Option<&DatabaseConfig> {
+        self.databases.iter().find(|d| d.name == name)
+    }
+
+    /// The effective configuration as TOML, with secrets masked.
+    pub fn to_masked_toml(&self) -> String {
+        let mut masked = self.clone();
+        let mask = |p: &mut Option<String>| {
+            if p.is_some() {
+                *p = Some("********".into());
+            }
+        };
+        mask(&mut masked.cluster.monitor_password);
+        for u in &mut masked.users {
+            mask(&mut u.password);
+            mask(&mut u.server_password);
+        }
+        toml::to_string(&masked).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+/// The database names that open the admin console instead of a pool.
+pub fn is_admin_database(name: &str) -> bool {
+    name == "pgpilot" || name == "pgbouncer"
+}
+
+fn unique<'a>(what: &str, names: impl Iterator<Item = &'a str>) -> Result<(), ConfigError> {
+    let mut seen = HashSet::new();
+    for n in names {
+        if n.is_empty() {
+            return Err(ConfigError::Invalid(format!("an entry in [[{what}]] has an empty name")));
+        }
+        if !seen.insert(n) {
+            return Err(ConfigError::Invalid(format!("duplicate name \"{n}\" in [[{what}]]")));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

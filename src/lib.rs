@@ -1,0 +1,36 @@
+//! pgpilot: a PostgreSQL high-availability proxy.
+//!
+//! ```text
+//! client ──TCP/TLS──▶ app (listener) ──▶ client task (one per connection)
+//!                                          │ startup: SSLRequest / GSSENCRequest / CancelRequest
+//!                                          │ auth (SCRAM-SHA-256, md5, trust)
+//!                                          ▼
+//!                                     session ── router ── pool(node, db, user) ── server ──▶ PostgreSQL
+//!                                          ▲         ▲
+//!                                          │         └── ClusterView snapshot (ArcSwap)
+//!                                          │                      ▲
+//!                                          │        probes (one task per node)
+//! ```
+//!
+//! - [`protocol`]: framing (`Frame`, `FrameCodec`), startup packets, typed views, encoders.
+//! - [`auth`]: client authentication; [`server`]: backend connections and their authentication.
+//! - [`client`]: the per-client task; [`pool`]: pools and the checkout guard.
+//! - [`cluster`]: the topology snapshot and probes; [`router`]: where work goes.
+//! - [`config`]: the TOML surface; [`net`]: sockets and TLS; [`app`]: wiring and shutdown.
+//! - [`devcluster`]: a local primary + replicas for the demo, tests and benches.
+
+#![forbid(unsafe_code)]
+#![warn(rust_2018_idioms, unused_qualifications)]
+
+pub mod app;
+pub mod auth;
+pub mod client;
+pub mod cluster;
+pub mod config;
+pub mod demo;
+pub mod devcluster;
+pub mod net;
+pub mod pool;
+pub mod protocol;
+pub mod router;
+pub mod server;

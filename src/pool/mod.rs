@@ -1,0 +1,150 @@
+//! Server connection pools keyed by (node, database, user), and the RAII guard through which a
+//! client borrows a connection: `release()` resets it and checks it back in; dropping the guard
+//! without releasing closes the connection, so a broken one is never handed to the next client.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+use crate::protocol::backend::TxStatus;
+use crate::server::{ConnectParams, ServerConn, ServerError};
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub node: Arc<str>,
+    pub database: Arc<str>,
+    pub user: Arc<str>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("query_wait_timeout: no server connection became free within {0:?}")]
+    CheckoutTimeout(Duration),
+    #[error(transparent)]
+    Connect(#[from] ServerError),
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct PoolSettings {
+    pub size: usize,
+    pub idle_timeout: Duration,
+    pub lifetime: Duration,
+}
+
+pub struct Pool {
+    pub key: PoolKey,
+    connect: ConnectParams,
+    settings: PoolSettings,
+    permits: Arc<Semaphore>,
+    idle: Mutex<Vec<ServerConn>>,
+}
+
+impl Pool {
+    pub fn new(key: PoolKey, connect: ConnectParams, settings: PoolSettings) -> Arc<Self> {
+        Arc::new(Pool {
+            key,
+            connect,
+            permits: Arc::new(Semaphore::new(settings.size)),
+            settings,
+            idle: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Borrows a connection, waiting up to `wait` for one to free up.
+    pub async fn checkout(self: &Arc<Self>, wait: Duration) -> Result<PooledConn, PoolError> {
+        let permit = tokio::time::timeout(wait, self.permits.clone().acquire_owned())
+            .await
+            .map_err(|_| PoolError::CheckoutTimeout(wait))?
+            .map_err(|_| PoolError::CheckoutTimeout(wait))?;
+        let now = Instant::now();
+        loop {
+            let Some(conn) = self.idle.lock().pop() else { break };
+            let expired = now.duration_since(conn.created) >= self.settings.lifetime
+                || now.duration_since(conn.last_used) >= self.settings.idle_timeout;
+            if expired || conn.is_dead() {
+                tokio::spawn(conn.close());
+                continue;
+            }
+            return Ok(PooledConn { conn: Some(conn), pool: self.clone(), _permit: permit });
+        }
+        let conn = ServerConn::connect(&self.connect).await?;
+        Ok(PooledConn { conn: Some(conn), pool: self.clone(), _permit: permit })
+    }
+
+    pub fn idle_count(&self) -> usize {
+        self.idle.lock().len()
+    }
+
+    pub fn active_count(&self) -> usize {
+        self.settings.size - self.permits.available_permits()
+    }
+
+    fn check_in(&self, mut conn: ServerConn) {
+        conn.last_used = Instant::now();
+        self.idle.lock().push(conn);
+    }
+}
+
+/// A borrowed server connection.
+pub struct PooledConn {
+    conn: Option<ServerConn>,
+    pool: Arc<Pool>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl PooledConn {
+    pub fn conn(&mut self) -> &mut ServerConn {
+        self.conn.as_mut().expect("a PooledConn holds its connection until released")
+    }
+
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
+    /// Resets the session state (`DISCARD ALL`) and returns the connection to the pool; a
+    /// connection that fails the reset is closed instead.
+    pub async fn release(mut self) {
+        let Some(mut conn) = self.conn.take() else { return };
+        match conn.simple_query("DISCARD ALL").await {
+            Ok(TxStatus::Idle) => self.pool.check_in(conn),
+            _ => conn.close().await,
+        }
+    }
+
+    /// Closes the connection instead of returning it.
+    pub async fn discard(mut self) {
+        if let Some(conn) = self.conn.take() {
+            conn.close().await;
+        }
+    }
+}
+
+/// All pools, created on first use.
+#[derive(Default)]
+pub struct Pools {
+    map: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+}
+
+impl Pools {
+    pub fn get_or_create(
+        &self,
+        key: PoolKey,
+        make: impl FnOnce() -> (ConnectParams, PoolSettings),
+    ) -> Arc<Pool> {
+        let mut map = self.map.lock();
+        map.entry(key.clone())
+            .or_insert_with(|| {
+                let (connect, settings) = make();
+                Pool::new(key, connect, settings)
+            })
+            .clone()
+    }
+
+    pub fn all(&self) -> Vec<Arc<Pool>> {
+        self.map.lock().values().cloned().collect()
+    }
+}

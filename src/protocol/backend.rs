@@ -1,0 +1,262 @@
+//! Backend (server → client) messages: tag constants, the typed views the proxy reads, and
+//! encoders for the messages the proxy writes to clients itself.
+
+use bytes::{BufMut, BytesMut};
+
+use super::codec::{get_cstr, put_cstr, write_message};
+use super::startup::BackendKey;
+use super::{Frame, ProtocolError};
+
+pub const AUTHENTICATION: u8 = b'R';
+pub const BACKEND_KEY_DATA: u8 = b'K';
+pub const COMMAND_COMPLETE: u8 = b'C';
+pub const DATA_ROW: u8 = b'D';
+pub const EMPTY_QUERY: u8 = b'I';
+pub const ERROR_RESPONSE: u8 = b'E';
+pub const NEGOTIATE_PROTOCOL_VERSION: u8 = b'v';
+pub const NOTICE_RESPONSE: u8 = b'N';
+pub const PARAMETER_STATUS: u8 = b'S';
+pub const READY_FOR_QUERY: u8 = b'Z';
+pub const ROW_DESCRIPTION: u8 = b'T';
+
+/// Transaction status carried by ReadyForQuery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxStatus {
+    Idle,
+    InTransaction,
+    Failed,
+}
+
+impl TxStatus {
+    pub fn byte(self) -> u8 {
+        match self {
+            TxStatus::Idle => b'I',
+            TxStatus::InTransaction => b'T',
+            TxStatus::Failed => b'E',
+        }
+    }
+}
+
+/// `ReadyForQuery { status }`: the transaction boundary.
+pub struct ReadyForQuery;
+
+impl ReadyForQuery {
+    pub fn parse(frame: &Frame) -> Result<TxStatus, ProtocolError> {
+        match frame.body() {
+            b"I" => Ok(TxStatus::Idle),
+            b"T" => Ok(TxStatus::InTransaction),
+            b"E" => Ok(TxStatus::Failed),
+            _ => Err(ProtocolError::Malformed("bad ReadyForQuery status")),
+        }
+    }
+}
+
+pub fn parse_backend_key(frame: &Frame) -> Result<BackendKey, ProtocolError> {
+    match frame.body() {
+        [a, b, c, d, e, f, g, h] => Ok(BackendKey {
+            pid: i32::from_be_bytes([*a, *b, *c, *d]),
+            secret: i32::from_be_bytes([*e, *f, *g, *h]),
+        }),
+        _ => Err(ProtocolError::Malformed("bad BackendKeyData")),
+    }
+}
+
+pub fn parse_parameter_status(frame: &Frame) -> Result<(String, String), ProtocolError> {
+    let mut b = frame.body();
+    let name = get_cstr(&mut b)?.to_owned();
+    let value = get_cstr(&mut b)?.to_owned();
+    Ok((name, value))
+}
+
+/// The fields of an ErrorResponse or NoticeResponse that the proxy cares about.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ErrorFields {
+    pub severity: String,
+    pub code: String,
+    pub message: String,
+}
+
+impl ErrorFields {
+    pub fn parse(frame: &Frame) -> Result<Self, ProtocolError> {
+        let mut b = frame.body();
+        let mut out = ErrorFields::default();
+        while let [kind, rest @ ..] = b {
+            if *kind == 0 {
+                break;
+            }
+            b = rest;
+            let value = get_cstr(&mut b)?;
+            match kind {
+                b'V' => value.clone_into(&mut out.severity),
+                b'S' if out.severity.is_empty() => value.clone_into(&mut out.severity),
+                b'C' => value.clone_into(&mut out.code),
+                b'M' => value.clone_into(&mut out.message),
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl std::fmt::Display for ErrorFields {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {} ({})", self.severity, self.message, self.code)
+    }
+}
+
+/// Severity of an error the proxy raises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    Error,
+    Fatal,
+}
+
+impl Severity {
+    fn as_str(self) -> &'static str {
+        match self {
+            Severity::Error => "ERROR",
+            Severity::Fatal => "FATAL",
+        }
+    }
+}
+
+pub fn error_response(buf: &mut BytesMut, severity: Severity, code: &str, message: &str) {
+    write_message(buf, ERROR_RESPONSE, |b| {
+        for (kind, value) in [(b'S', severity.as_str()), (b'V', severity.as_str()), (b'C', code)] {
+            b.put_u8(kind);
+            put_cstr(b, value);
+        }
+        b.put_u8(b'M');
+        put_cstr(b, message);
+        b.put_u8(0);
+    });
+}
+
+pub fn authentication_ok(buf: &mut BytesMut) {
+    write_message(buf, AUTHENTICATION, |b| b.put_i32(0));
+}
+
+pub fn authentication_md5(buf: &mut BytesMut, salt: [u8; 4]) {
+    write_message(buf, AUTHENTICATION, |b| {
+        b.put_i32(5);
+        b.extend_from_slice(&salt);
+    });
+}
+
+pub fn authentication_sasl(buf: &mut BytesMut, mechanisms: &[&str]) {
+    write_message(buf, AUTHENTICATION, |b| {
+        b.put_i32(10);
+        for m in mechanisms {
+            put_cstr(b, m);
+        }
+        b.put_u8(0);
+    });
+}
+
+pub fn authentication_sasl_continue(buf: &mut BytesMut, data: &[u8]) {
+    write_message(buf, AUTHENTICATION, |b| {
+        b.put_i32(11);
+        b.extend_from_slice(data);
+    });
+}
+
+pub fn authentication_sasl_final(buf: &mut BytesMut, data: &[u8]) {
+    write_message(buf, AUTHENTICATION, |b| {
+        b.put_i32(12);
+        b.extend_from_slice(data);
+    });
+}
+
+pub fn parameter_status(buf: &mut BytesMut, name: &str, value: &str) {
+    write_message(buf, PARAMETER_STATUS, |b| {
+        put_cstr(b, name);
+        put_cstr(b, value);
+    });
+}
+
+pub fn backend_key_data(buf: &mut BytesMut, key: BackendKey) {
+    write_message(buf, BACKEND_KEY_DATA, |b| {
+        b.put_i32(key.pid);
+        b.put_i32(key.secret);
+    });
+}
+
+pub fn ready_for_query(buf: &mut BytesMut, status: TxStatus) {
+    write_message(buf, READY_FOR_QUERY, |b| b.put_u8(status.byte()));
+}
+
+/// NegotiateProtocolVersion: the newest minor version we support and the options we ignore.
+pub fn negotiate_protocol_version<'a>(
+    buf: &mut BytesMut,
+    minor: i32,
+    unsupported: impl ExactSizeIterator<Item = &'a str>,
+) {
+    write_message(buf, NEGOTIATE_PROTOCOL_VERSION, |b| {
+        b.put_i32(minor);
+        b.put_i32(unsupported.len() as i32);
+        for opt in unsupported {
+            put_cstr(b, opt);
+        }
+    });
+}
+
+/// RowDescription of text columns (used by the admin console).
+pub fn row_description(buf: &mut BytesMut, columns: &[&str]) {
+    write_message(buf, ROW_DESCRIPTION, |b| {
+        b.put_i16(columns.len() as i16);
+        for name in columns {
+            put_cstr(b, name);
+            b.put_i32(0); // table oid
+            b.put_i16(0); // column number
+            b.put_i32(25); // text
+            b.put_i16(-1);
+            b.put_i32(-1);
+            b.put_i16(0); // text format
+        }
+    });
+}
+
+pub fn data_row(buf: &mut BytesMut, values: &[Option<&str>]) {
+    write_message(buf, DATA_ROW, |b| {
+        b.put_i16(values.len() as i16);
+        for v in values {
+            match v {
+                Some(s) => {
+                    b.put_i32(s.len() as i32);
+                    b.extend_from_slice(s.as_bytes());
+                }
+                None => b.put_i32(-1),
+            }
+        }
+    });
+}
+
+pub fn command_complete(buf: &mut BytesMut, tag: &str) {
+    write_message(buf, COMMAND_COMPLETE, |b| put_cstr(b, tag));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_response_roundtrips_through_the_view() {
+        let mut b = BytesMut::new();
+        error_response(&mut b, Severity::Fatal, "28P01", "password authentication failed");
+        let frame = Frame::from_raw(b).unwrap();
+        let f = ErrorFields::parse(&frame).unwrap();
+        assert_eq!((f.severity.as_str(), f.code.as_str()), ("FATAL", "28P01"));
+        assert_eq!(f.message, "password authentication failed");
+    }
+
+    #[test]
+    fn ready_for_query_and_key_views() {
+        let mut b = BytesMut::new();
+        ready_for_query(&mut b, TxStatus::Failed);
+        assert_eq!(ReadyForQuery::parse(&Frame::from_raw(b).unwrap()).unwrap(), TxStatus::Failed);
+        let mut b = BytesMut::new();
+        let key = BackendKey { pid: 42, secret: -7 };
+        backend_key_data(&mut b, key);
+        assert_eq!(parse_backend_key(&Frame::from_raw(b).unwrap()).unwrap(), key);
+    }
+}
