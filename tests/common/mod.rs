@@ -1,0 +1,126 @@
+//! Shared integration-test harness: one devcluster per test binary for tests that do not disturb
+//! it, the proxy started in-process on port 0, and small client helpers.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use pgpilot::config::Config;
+use pgpilot::demo::{DEMO_DATABASE, DEMO_PASSWORD, DEMO_USER};
+use pgpilot::devcluster::{DevCluster, DevClusterOptions};
+use tokio_postgres::{Client, NoTls};
+use tokio_util::sync::CancellationToken;
+
+/// The shared cluster: started on first use, stopped by its watchdog when the test binary exits.
+pub fn cluster() -> &'static DevCluster {
+    static CLUSTER: OnceLock<DevCluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        let c = DevCluster::start(DevClusterOptions::default())
+            .unwrap_or_else(|e| panic!("cannot start the test cluster: {e}"));
+        pgpilot::demo::load_sample_data(&c).unwrap_or_else(|e| panic!("sample data: {e}"));
+        c
+    })
+}
+
+/// A proxy running in the current test's runtime until dropped.
+pub struct TestProxy {
+    pub addr: SocketAddr,
+    pub stop: CancellationToken,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+impl TestProxy {
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn conninfo(&self, user: &str, password: &str, db: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user={user} password={password} dbname={db} connect_timeout=10",
+            self.port()
+        )
+    }
+
+    pub async fn connect(&self) -> Client {
+        self.try_connect(DEMO_USER, DEMO_PASSWORD, DEMO_DATABASE)
+            .await
+            .unwrap_or_else(|e| panic!("connect through the proxy: {e}"))
+    }
+
+    pub async fn try_connect(
+        &self,
+        user: &str,
+        password: &str,
+        db: &str,
+    ) -> Result<Client, tokio_postgres::Error> {
+        let (client, conn) = tokio_postgres::connect(&self.conninfo(user, password, db), NoTls).await?;
+        tokio::spawn(conn);
+        Ok(client)
+    }
+
+    /// Graceful shutdown; returns when the proxy has stopped.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(60), self.task)
+            .await
+            .expect("proxy stops within 60s")
+            .expect("proxy task");
+    }
+}
+
+/// The proxy config for `cluster` on an ephemeral port, adjusted by `tweak`.
+pub fn config(cluster: &DevCluster, tweak: impl FnOnce(&mut Config)) -> Config {
+    let mut config = pgpilot::demo::config_for(cluster, 0).expect("demo config");
+    tweak(&mut config);
+    config.validate().expect("test config is valid");
+    config
+}
+
+pub async fn start_proxy(config: Config) -> TestProxy {
+    let proxy = pgpilot::app::Proxy::bind(config).await.expect("bind proxy");
+    let addr = proxy.local_addr();
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    let task = tokio::spawn(async move { proxy.serve(token.cancelled_owned()).await });
+    TestProxy { addr, stop, task }
+}
+
+/// Runs `psql` against the proxy; returns (success, stdout, stderr).
+pub async fn psql(proxy_port: u16, password: &str, args: &[&str]) -> (bool, String, String) {
+    let password = password.to_owned();
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || psql_blocking(proxy_port, &password, &args))
+        .await
+        .expect("psql task")
+}
+
+fn psql_blocking(proxy_port: u16, password: &str, args: &[String]) -> (bool, String, String) {
+    let out = std::process::Command::new("psql")
+        .arg(format!("host=127.0.0.1 port={proxy_port} user={DEMO_USER} dbname={DEMO_DATABASE}"))
+        .args(["-X", "-v", "ON_ERROR_STOP=1"])
+        .args(args)
+        .env("PGPASSWORD", password)
+        .env("PGCONNECT_TIMEOUT", "10")
+        .output()
+        .expect("run psql");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Polls an async condition until it holds or the deadline passes.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+pub mod raw;
