@@ -36,11 +36,13 @@ pub struct DevClusterOptions {
     pub replicas: usize,
     /// Extra `postgresql.conf` lines for every node.
     pub extra_conf: Vec<String>,
+    /// Server certificate and key (PEM): when set, every node has `ssl = on` with them.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl Default for DevClusterOptions {
     fn default() -> Self {
-        Self { replicas: 2, extra_conf: Vec::new() }
+        Self { replicas: 2, extra_conf: Vec::new(), tls: None }
     }
 }
 
@@ -100,6 +102,18 @@ impl DevCluster {
             "log_min_messages = warning".into(),
             "hot_standby_feedback = on".into(),
         ];
+        if let Some((cert, key)) = &opts.tls {
+            let (dest_cert, dest_key) = (dir.join("server.crt"), dir.join("server.key"));
+            fs::copy(cert, &dest_cert)?;
+            fs::copy(key, &dest_key)?;
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&dest_key, fs::Permissions::from_mode(0o600))?;
+            cluster.give_to_postgres(&dest_cert)?;
+            cluster.give_to_postgres(&dest_key)?;
+            conf.push("ssl = on".into());
+            conf.push(format!("ssl_cert_file = '{}'", dest_cert.display()));
+            conf.push(format!("ssl_key_file = '{}'", dest_key.display()));
+        }
         conf.extend(opts.extra_conf.iter().cloned());
         let mut text = conf.join("\n");
         text.push('\n');

@@ -144,18 +144,23 @@ async fn checkout(
 ) -> Result<PooledConn, ClientError> {
     let config = shared.config();
     let wait = config.proxy.query_wait_timeout.0;
+    // Without an elected primary (startup, or between a crash and a promotion) clients wait
+    // for one rather than fail.
+    let primary_wait = config.cluster.failover_wait_timeout.0;
     let node = match target {
         Target::Replica => match shared.replicas.pick(&shared.cluster.view()) {
             Some(n) => n.clone(),
             None => shared
                 .cluster
-                .wait_for_primary(wait)
+                .wait_for_primary(primary_wait)
                 .await
                 .ok_or(ClientError::NoNode("replica or primary"))?,
         },
-        Target::Primary => {
-            shared.cluster.wait_for_primary(wait).await.ok_or(ClientError::NoNode("primary"))?
-        }
+        Target::Primary => shared
+            .cluster
+            .wait_for_primary(primary_wait)
+            .await
+            .ok_or(ClientError::NoNode("primary"))?,
     };
     let key = PoolKey { node: node.name.as_str().into(), database: database.into(), user: user.into() };
     let pool = shared.pools.get_or_create(key, || {

@@ -15,12 +15,22 @@ use tokio_util::sync::CancellationToken;
 /// The shared cluster: started on first use, stopped by its watchdog when the test binary exits.
 pub fn cluster() -> &'static DevCluster {
     static CLUSTER: OnceLock<DevCluster> = OnceLock::new();
-    CLUSTER.get_or_init(|| {
-        let c = DevCluster::start(DevClusterOptions::default())
-            .unwrap_or_else(|e| panic!("cannot start the test cluster: {e}"));
-        pgpilot::demo::load_sample_data(&c).unwrap_or_else(|e| panic!("sample data: {e}"));
-        c
-    })
+    CLUSTER.get_or_init(|| start_cluster(DevClusterOptions::default()))
+}
+
+/// A new cluster with the sample dataset loaded.
+pub fn start_cluster(opts: DevClusterOptions) -> DevCluster {
+    let c = DevCluster::start(opts).unwrap_or_else(|e| panic!("cannot start the test cluster: {e}"));
+    pgpilot::demo::load_sample_data(&c).unwrap_or_else(|e| panic!("sample data: {e}"));
+    c
+}
+
+/// Connects with tokio-postgres and keeps the connection task's result for inspection.
+pub async fn connect_watched(
+    conninfo: &str,
+) -> (Client, tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>) {
+    let (client, conn) = tokio_postgres::connect(conninfo, NoTls).await.expect("connect");
+    (client, tokio::spawn(conn))
 }
 
 /// A proxy running in the current test's runtime until dropped.
@@ -95,9 +105,23 @@ pub async fn psql(proxy_port: u16, password: &str, args: &[&str]) -> (bool, Stri
         .expect("psql task")
 }
 
+/// Runs `psql` with a full connection string; returns (success, stdout, stderr).
+pub async fn psql_conn(conninfo: &str, password: &str, args: &[&str]) -> (bool, String, String) {
+    let (conninfo, password) = (conninfo.to_owned(), password.to_owned());
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || run_psql(&conninfo, &password, &args))
+        .await
+        .expect("psql task")
+}
+
 fn psql_blocking(proxy_port: u16, password: &str, args: &[String]) -> (bool, String, String) {
+    let conninfo = format!("host=127.0.0.1 port={proxy_port} user={DEMO_USER} dbname={DEMO_DATABASE}");
+    run_psql(&conninfo, password, args)
+}
+
+fn run_psql(conninfo: &str, password: &str, args: &[String]) -> (bool, String, String) {
     let out = std::process::Command::new("psql")
-        .arg(format!("host=127.0.0.1 port={proxy_port} user={DEMO_USER} dbname={DEMO_DATABASE}"))
+        .arg(conninfo)
         .args(["-X", "-v", "ON_ERROR_STOP=1"])
         .args(args)
         .env("PGPASSWORD", password)
@@ -124,3 +148,4 @@ where
     }
 }
 pub mod raw;
+pub mod tls;
