@@ -26,7 +26,10 @@ use crate::router::ReplicaPicker;
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Tls(#[from] TlsSetupError),
 }
@@ -67,8 +70,12 @@ pub struct Proxy {
 impl Proxy {
     pub async fn bind(config: Config) -> Result<Self, AppError> {
         let addr = config.proxy.listen;
-        let listener =
-            TcpListener::bind(addr).await.map_err(|source| AppError::Bind { addr, source })?;
+        if config.proxy.pool_mode == crate::config::PoolMode::Transaction {
+            warn!("pool_mode = \"transaction\" is not implemented yet: clients get session pooling");
+        }
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| AppError::Bind { addr, source })?;
         let shared = Arc::new(Shared {
             tls_acceptor: client_tls_acceptor(&config.proxy)?,
             tls_connector: server_tls_connector(&config.proxy)?,
@@ -81,11 +88,17 @@ impl Proxy {
             clients: AtomicUsize::new(0),
             shutdown: CancellationToken::new(),
         });
-        Ok(Proxy { shared, listener, tracker: TaskTracker::new() })
+        Ok(Proxy {
+            shared,
+            listener,
+            tracker: TaskTracker::new(),
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().unwrap_or_else(|_| self.shared.config().proxy.listen)
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| self.shared.config().proxy.listen)
     }
 
     pub fn shared(&self) -> &Arc<Shared> {
@@ -94,10 +107,16 @@ impl Proxy {
 
     /// Serves until `shutdown` resolves, then shuts down gracefully.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
-        let Proxy { shared, listener, tracker } = self;
+        let Proxy {
+            shared,
+            listener,
+            tracker,
+        } = self;
         let probes = CancellationToken::new();
         let background = TaskTracker::new();
-        shared.cluster.spawn_probes(&shared.config().cluster, &background, &probes);
+        shared
+            .cluster
+            .spawn_probes(&shared.config().cluster, &background, &probes);
         info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "pgpilot listening");
         tokio::pin!(shutdown);
         loop {

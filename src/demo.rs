@@ -21,7 +21,10 @@ pub enum DemoError {
 }
 
 /// The proxy configuration for a devcluster (also used by tests).
-pub fn config_for(cluster: &DevCluster, listen_port: u16) -> Result<Config, crate::config::ConfigError> {
+pub fn config_for(
+    cluster: &DevCluster,
+    listen_port: u16,
+) -> Result<Config, crate::config::ConfigError> {
     let mut text = format!(
         "[proxy]\nlisten = \"127.0.0.1:{listen_port}\"\npool_mode = \"session\"\n\
          [cluster]\nmonitor_user = \"postgres\"\nmonitor_password = \"{}\"\n\
@@ -66,17 +69,35 @@ pub async fn run(port: u16) -> Result<(), DemoError> {
     let addr = proxy.local_addr();
     let nodes = cluster.nodes();
     println!("\npgpilot is listening on {addr}. Connect with:\n");
-    println!("  PGPASSWORD={DEMO_PASSWORD} psql -h 127.0.0.1 -p {} -U {DEMO_USER} {DEMO_DATABASE}\n", addr.port());
+    println!(
+        "  PGPASSWORD={DEMO_PASSWORD} psql -h 127.0.0.1 -p {} -U {DEMO_USER} {DEMO_DATABASE}\n",
+        addr.port()
+    );
     println!("  app=> SELECT count(*) FROM accounts;\n");
     println!("Nodes (data in {}):", cluster.dir().display());
     for (i, n) in nodes.iter().enumerate() {
         let role = if i == 0 { "primary" } else { "replica" };
-        println!("  {:4} {role:8} 127.0.0.1:{}  {}", n.name, n.port, n.data_dir.display());
+        println!(
+            "  {:4} {role:8} 127.0.0.1:{}  {}",
+            n.name,
+            n.port,
+            n.data_dir.display()
+        );
     }
-    let pg_ctl = crate::devcluster::find_bin_dir().unwrap_or_default().join("pg_ctl");
-    let as_pg = if crate::devcluster::running_as_root() { "runuser -u postgres -- " } else { "" };
+    let pg_ctl = crate::devcluster::find_bin_dir()
+        .unwrap_or_default()
+        .join("pg_ctl");
+    let as_pg = if crate::devcluster::running_as_root() {
+        "runuser -u postgres -- "
+    } else {
+        ""
+    };
     println!("\nKill the primary (a crash):\n");
-    println!("  {as_pg}{} -D {} stop -m immediate\n", pg_ctl.display(), nodes[0].data_dir.display());
+    println!(
+        "  {as_pg}{} -D {} stop -m immediate\n",
+        pg_ctl.display(),
+        nodes[0].data_dir.display()
+    );
     println!("then promote a replica; pgpilot sends new sessions to whichever node is primary:\n");
     println!(
         "  PGPASSWORD={} psql -h 127.0.0.1 -p {} -U postgres -c 'SELECT pg_promote()'\n",

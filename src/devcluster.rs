@@ -42,7 +42,11 @@ pub struct DevClusterOptions {
 
 impl Default for DevClusterOptions {
     fn default() -> Self {
-        Self { replicas: 2, extra_conf: Vec::new(), tls: None }
+        Self {
+            replicas: 2,
+            extra_conf: Vec::new(),
+            tls: None,
+        }
     }
 }
 
@@ -69,10 +73,18 @@ impl DevCluster {
         let bin = find_bin_dir().ok_or(DevClusterError::BinariesNotFound)?;
         let as_postgres = running_as_root();
         let dir = make_temp_dir()?;
-        let mut cluster =
-            DevCluster { dir: dir.clone(), bin, as_postgres, nodes: Vec::new(), watchdog: None };
+        let mut cluster = DevCluster {
+            dir: dir.clone(),
+            bin,
+            as_postgres,
+            nodes: Vec::new(),
+            watchdog: None,
+        };
         if as_postgres {
-            cluster.run("chown", Command::new("chown").arg("-R").arg("postgres:").arg(&dir))?;
+            cluster.run(
+                "chown",
+                Command::new("chown").arg("-R").arg("postgres:").arg(&dir),
+            )?;
         }
         cluster.watchdog = spawn_watchdog(&cluster).ok();
         let pwfile = dir.join("pwfile");
@@ -84,7 +96,14 @@ impl DevCluster {
         initdb
             .arg("-D")
             .arg(&primary.data_dir)
-            .args(["-U", SUPERUSER, "--auth=scram-sha-256", "--no-sync", "-E", "UTF8"])
+            .args([
+                "-U",
+                SUPERUSER,
+                "--auth=scram-sha-256",
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ])
             .args(["--locale=C", "--no-instructions"])
             .arg(format!("--pwfile={}", pwfile.display()));
         cluster.run("initdb", &mut initdb)?;
@@ -133,7 +152,16 @@ impl DevCluster {
             let mut backup = cluster.pg("pg_basebackup");
             backup
                 .args(["-h", "127.0.0.1", "-p", &cluster.nodes[0].port.to_string()])
-                .args(["-U", SUPERUSER, "-X", "stream", "-R", "-C", "--no-sync", "-S"])
+                .args([
+                    "-U",
+                    SUPERUSER,
+                    "-X",
+                    "stream",
+                    "-R",
+                    "-C",
+                    "--no-sync",
+                    "-S",
+                ])
                 .arg(&node.name)
                 .arg("-D")
                 .arg(&node.data_dir)
@@ -177,17 +205,24 @@ impl DevCluster {
     pub fn start_node(&self, i: usize) -> Result<(), DevClusterError> {
         let node = &self.nodes[i];
         let mut cmd = self.pg("pg_ctl");
-        cmd.arg("-D").arg(&node.data_dir).arg("-l").arg(&node.log_file);
+        cmd.arg("-D")
+            .arg(&node.data_dir)
+            .arg("-l")
+            .arg(&node.log_file);
         cmd.args(["-w", "-t", "60", "start"]);
-        self.run(&format!("pg_ctl start {}", node.name), &mut cmd).map(|_| ())
+        self.run(&format!("pg_ctl start {}", node.name), &mut cmd)
+            .map(|_| ())
     }
 
     /// Stops a node; `mode` is `fast` or `immediate` (a crash).
     pub fn stop_node(&self, i: usize, mode: &str) -> Result<(), DevClusterError> {
         let node = &self.nodes[i];
         let mut cmd = self.pg("pg_ctl");
-        cmd.arg("-D").arg(&node.data_dir).args(["-w", "-m", mode, "stop"]);
-        self.run(&format!("pg_ctl stop {}", node.name), &mut cmd).map(|_| ())
+        cmd.arg("-D")
+            .arg(&node.data_dir)
+            .args(["-w", "-m", mode, "stop"]);
+        self.run(&format!("pg_ctl stop {}", node.name), &mut cmd)
+            .map(|_| ())
     }
 
     /// Runs SQL on node `i` with psql as the superuser; returns unaligned, tuples-only output.
@@ -205,9 +240,22 @@ impl DevCluster {
 
     /// Creates a login role and a database it owns (on the primary, replicated to the rest),
     /// and waits until every replica has replayed it.
-    pub fn create_app(&self, user: &str, password: &str, database: &str) -> Result<(), DevClusterError> {
-        self.psql(0, "postgres", &format!("CREATE ROLE \"{user}\" LOGIN PASSWORD '{password}'"))?;
-        self.psql(0, "postgres", &format!("CREATE DATABASE \"{database}\" OWNER \"{user}\""))?;
+    pub fn create_app(
+        &self,
+        user: &str,
+        password: &str,
+        database: &str,
+    ) -> Result<(), DevClusterError> {
+        self.psql(
+            0,
+            "postgres",
+            &format!("CREATE ROLE \"{user}\" LOGIN PASSWORD '{password}'"),
+        )?;
+        self.psql(
+            0,
+            "postgres",
+            &format!("CREATE DATABASE \"{database}\" OWNER \"{user}\""),
+        )?;
         self.wait_replayed(Duration::from_secs(30))
     }
 
@@ -216,9 +264,11 @@ impl DevCluster {
         let lsn = self.psql(0, "postgres", "SELECT pg_current_wal_lsn()")?;
         for i in 1..self.nodes.len() {
             let sql = format!("SELECT pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn");
-            poll(timeout, &format!("{} to replay {lsn}", self.nodes[i].name), || {
-                Ok(self.psql(i, "postgres", &sql)? == "t")
-            })?;
+            poll(
+                timeout,
+                &format!("{} to replay {lsn}", self.nodes[i].name),
+                || Ok(self.psql(i, "postgres", &sql)? == "t"),
+            )?;
         }
         Ok(())
     }
@@ -240,7 +290,10 @@ impl DevCluster {
     }
 
     fn set_port(&self, node: &DevNode) -> Result<(), DevClusterError> {
-        append(&node.data_dir.join("postgresql.conf"), &format!("port = {}\n", node.port))
+        append(
+            &node.data_dir.join("postgresql.conf"),
+            &format!("port = {}\n", node.port),
+        )
     }
 
     fn give_to_postgres(&self, path: &Path) -> Result<(), DevClusterError> {
@@ -263,10 +316,13 @@ impl DevCluster {
     }
 
     fn run(&self, what: &str, cmd: &mut Command) -> Result<Output, DevClusterError> {
-        let out = cmd.stdin(Stdio::null()).output().map_err(|e| DevClusterError::Command {
-            what: what.to_owned(),
-            detail: e.to_string(),
-        })?;
+        let out = cmd
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| DevClusterError::Command {
+                what: what.to_owned(),
+                detail: e.to_string(),
+            })?;
         if out.status.success() {
             Ok(out)
         } else {
@@ -346,7 +402,9 @@ fn make_temp_dir() -> Result<PathBuf, DevClusterError> {
 }
 
 fn has_initdb(dir: &Path) -> bool {
-    dir.join("initdb").is_file() && dir.join("pg_ctl").is_file() && dir.join("pg_basebackup").is_file()
+    dir.join("initdb").is_file()
+        && dir.join("pg_ctl").is_file()
+        && dir.join("pg_basebackup").is_file()
 }
 
 /// Finds the PostgreSQL server binaries: `PGPILOT_PG_BIN`, `pg_config --bindir`, the newest
@@ -388,7 +446,11 @@ pub fn find_bin_dir() -> Option<PathBuf> {
 /// A shell loop that outlives us only long enough to clean up after an abnormal exit.
 fn spawn_watchdog(c: &DevCluster) -> std::io::Result<Child> {
     let pg_ctl = c.bin.join("pg_ctl");
-    let run_as = if c.as_postgres { "runuser -u postgres -- " } else { "" };
+    let run_as = if c.as_postgres {
+        "runuser -u postgres -- "
+    } else {
+        ""
+    };
     let script = format!(
         "while kill -0 {pid} 2>/dev/null; do sleep 1; done; \
          for d in '{dir}'/pg*/; do [ -f \"$d/postmaster.pid\" ] && {run_as}'{pg_ctl}' -D \"$d\" -m immediate stop >/dev/null 2>&1; done; \

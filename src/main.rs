@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use pgpilot::config::Config;
 
 #[derive(Parser)]
-#[command(name = "pgpilot", version, about = "PostgreSQL high-availability proxy")]
+#[command(
+    name = "pgpilot",
+    version,
+    about = "PostgreSQL high-availability proxy"
+)]
 struct Cli {
     /// Config file (same as `pgpilot run --config FILE`).
     #[arg(long, global = true)]
@@ -42,7 +46,9 @@ enum Cmd {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -57,7 +63,10 @@ fn load(path: Option<PathBuf>) -> Result<Config, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("pgpilot: cannot start the runtime: {e}");
@@ -71,7 +80,9 @@ fn main() -> ExitCode {
                 .block_on(pgpilot::app::run(config, pgpilot::app::shutdown_signal()))
                 .map_err(|e| e.to_string())
         }),
-        Cmd::Demo { port } => runtime.block_on(pgpilot::demo::run(port)).map_err(|e| e.to_string()),
+        Cmd::Demo { port } => runtime
+            .block_on(pgpilot::demo::run(port))
+            .map_err(|e| e.to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -21,7 +21,11 @@ use crate::config::{ProxyConfig, ServerTlsMode};
 #[derive(Debug, thiserror::Error)]
 pub enum TlsSetupError {
     #[error("cannot read {what} from {path}: {message}")]
-    Pem { what: &'static str, path: String, message: String },
+    Pem {
+        what: &'static str,
+        path: String,
+        message: String,
+    },
     #[error("TLS configuration rejected: {0}")]
     Rustls(#[from] rustls::Error),
 }
@@ -65,10 +69,7 @@ pub fn idle_socket_is_dead(tcp: &TcpStream) -> bool {
     let mut cx = Context::from_waker(std::task::Waker::noop());
     let mut byte = [0u8; 1];
     let mut buf = ReadBuf::new(&mut byte);
-    match tcp.poll_peek(&mut cx, &mut buf) {
-        Poll::Pending => false,
-        Poll::Ready(_) => true,
-    }
+    tcp.poll_peek(&mut cx, &mut buf).is_ready()
 }
 
 impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for MaybeTls<T> {
@@ -109,9 +110,16 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn pem_err(what: &'static str, path: &Path) -> impl FnOnce(rustls::pki_types::pem::Error) -> TlsSetupError {
+fn pem_err(
+    what: &'static str,
+    path: &Path,
+) -> impl FnOnce(rustls::pki_types::pem::Error) -> TlsSetupError {
     let path = path.display().to_string();
-    move |e| TlsSetupError::Pem { what, path, message: e.to_string() }
+    move |e| TlsSetupError::Pem {
+        what,
+        path,
+        message: e.to_string(),
+    }
 }
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsSetupError> {

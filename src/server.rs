@@ -26,13 +26,19 @@ pub const MAX_SERVER_MESSAGE: usize = 1 << 30;
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("could not connect to server {addr}: {source}")]
-    Connect { addr: String, source: std::io::Error },
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("timed out connecting to server {addr}")]
     ConnectTimeout { addr: String },
     #[error("server {addr} does not support TLS, which is required")]
     TlsUnsupported { addr: String },
     #[error("TLS handshake with server {addr} failed: {source}")]
-    Tls { addr: String, source: std::io::Error },
+    Tls {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("server requested a password for user \"{user}\" but none is configured")]
     NoPassword { user: String },
     #[error("server requested unsupported authentication method {0}")]
@@ -88,7 +94,10 @@ impl ServerConn {
         let tcp = tokio::time::timeout(p.connect_timeout, TcpStream::connect(&addr))
             .await
             .map_err(|_| ServerError::ConnectTimeout { addr: addr.clone() })?
-            .map_err(|source| ServerError::Connect { addr: addr.clone(), source })?;
+            .map_err(|source| ServerError::Connect {
+                addr: addr.clone(),
+                source,
+            })?;
         tcp.set_nodelay(true)?;
         let stream = tokio::time::timeout(p.connect_timeout, negotiate_tls(tcp, p))
             .await
@@ -119,7 +128,10 @@ impl ServerConn {
     }
 
     pub fn param(&self, name: &str) -> Option<&str> {
-        self.params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn set_param(params: &mut Vec<(String, String)>, name: String, value: String) {
@@ -176,8 +188,11 @@ impl ServerConn {
                 backend::NOTICE_RESPONSE | backend::NEGOTIATE_PROTOCOL_VERSION => {}
                 backend::READY_FOR_QUERY => return Ok(()),
                 tag => {
-                    return Err(ProtocolError::Unexpected { tag, context: "during server startup" }
-                        .into());
+                    return Err(ProtocolError::Unexpected {
+                        tag,
+                        context: "during server startup",
+                    }
+                    .into());
                 }
             }
         }
@@ -196,7 +211,11 @@ impl ServerConn {
         };
         let code = i32::from_be_bytes([*a, *b, *c, *d]);
         let password = || {
-            p.password.as_deref().ok_or_else(|| ServerError::NoPassword { user: p.user.clone() })
+            p.password
+                .as_deref()
+                .ok_or_else(|| ServerError::NoPassword {
+                    user: p.user.clone(),
+                })
         };
         let mut out = BytesMut::new();
         match code {
@@ -222,7 +241,8 @@ impl ServerConn {
                 if !offered {
                     return Err(ServerError::UnsupportedAuth(code));
                 }
-                let client = ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
+                let client =
+                    ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
                 frontend::sasl_initial_response(
                     crate::auth::scram::MECHANISM,
                     client.message(),
@@ -294,7 +314,10 @@ async fn negotiate_tls(tcp: TcpStream, p: &ConnectParams) -> Result<ServerStream
             let tls = connector
                 .connect(name, tcp)
                 .await
-                .map_err(|source| ServerError::Tls { addr: p.addr(), source })?;
+                .map_err(|source| ServerError::Tls {
+                    addr: p.addr(),
+                    source,
+                })?;
             Ok(MaybeTls::Tls(Box::new(tls)))
         }
         b'N' if !p.tls_required => Ok(MaybeTls::Plain(tcp)),

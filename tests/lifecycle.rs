@@ -39,13 +39,26 @@ async fn client_tls_with_a_test_ca() {
         proxy.port(),
         certs.ca.display()
     );
-    let (ok, out, err) =
-        psql_conn(&verified, DEMO_PASSWORD, &["-c", "\\conninfo", "-At", "-c", "SELECT count(*) FROM accounts"]).await;
+    let (ok, out, err) = psql_conn(
+        &verified,
+        DEMO_PASSWORD,
+        &[
+            "-c",
+            "\\conninfo",
+            "-At",
+            "-c",
+            "SELECT count(*) FROM accounts",
+        ],
+    )
+    .await;
     assert!(ok, "{err}");
     assert!(out.contains("SSL connection (protocol: TLSv1.3"), "{out}");
     assert!(out.trim_end().ends_with("1000"), "{out}");
 
-    let plain = format!("host=127.0.0.1 port={} user={DEMO_USER} dbname={DEMO_DATABASE} sslmode=disable", proxy.port());
+    let plain = format!(
+        "host=127.0.0.1 port={} user={DEMO_USER} dbname={DEMO_DATABASE} sslmode=disable",
+        proxy.port()
+    );
     let (ok, _, err) = psql_conn(&plain, DEMO_PASSWORD, &["-c", "SELECT 1"]).await;
     assert!(!ok);
     assert!(err.contains("TLS is required"), "{err}");
@@ -61,10 +74,16 @@ async fn tls_to_servers_verified_against_the_ca() {
     .await;
     let client = proxy.connect().await;
     let row = client
-        .query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
         .await
         .unwrap();
-    assert!(row.get::<_, bool>(0), "the proxy's server connection is encrypted");
+    assert!(
+        row.get::<_, bool>(0),
+        "the proxy's server connection is encrypted"
+    );
 }
 
 #[tokio::test]
@@ -73,7 +92,10 @@ async fn md5_client_authentication() {
     let proxy = start_proxy(config(cluster, |c| c.proxy.auth_type = AuthType::Md5)).await;
     let client = proxy.connect().await;
     client.simple_query("SELECT 1").await.unwrap();
-    let err = proxy.try_connect(DEMO_USER, "bad", DEMO_DATABASE).await.unwrap_err();
+    let err = proxy
+        .try_connect(DEMO_USER, "bad", DEMO_DATABASE)
+        .await
+        .unwrap_err();
     assert_eq!(err.code().map(|c| c.code()), Some("28P01"));
 }
 
@@ -87,15 +109,29 @@ async fn query_wait_timeout_when_the_pool_is_exhausted() {
     .await;
     let first = proxy.connect().await;
     // The only server connection is held by `first` for its session.
-    let err = proxy.try_connect(DEMO_USER, DEMO_PASSWORD, DEMO_DATABASE).await.unwrap_err();
+    let err = proxy
+        .try_connect(DEMO_USER, DEMO_PASSWORD, DEMO_DATABASE)
+        .await
+        .unwrap_err();
     let db = err.as_db_error().expect("server error");
     assert_eq!(db.code().code(), "08P01");
-    assert!(db.message().contains("query_wait_timeout"), "{}", db.message());
+    assert!(
+        db.message().contains("query_wait_timeout"),
+        "{}",
+        db.message()
+    );
     first.simple_query("SELECT 1").await.unwrap();
     drop(first);
-    common::eventually(Duration::from_secs(10), "the pool slot to free up", || async {
-        proxy.try_connect(DEMO_USER, DEMO_PASSWORD, DEMO_DATABASE).await.is_ok()
-    })
+    common::eventually(
+        Duration::from_secs(10),
+        "the pool slot to free up",
+        || async {
+            proxy
+                .try_connect(DEMO_USER, DEMO_PASSWORD, DEMO_DATABASE)
+                .await
+                .is_ok()
+        },
+    )
     .await;
 }
 
@@ -105,9 +141,15 @@ async fn max_client_conn_refuses_with_53300() {
     let proxy = start_proxy(config(cluster, |c| c.proxy.max_client_conn = 2)).await;
     let a = proxy.connect().await;
     let b = proxy.connect().await;
-    let err = proxy.try_connect(DEMO_USER, DEMO_PASSWORD, DEMO_DATABASE).await.unwrap_err();
+    let err = proxy
+        .try_connect(DEMO_USER, DEMO_PASSWORD, DEMO_DATABASE)
+        .await
+        .unwrap_err();
     let db = err.as_db_error().expect("server error");
-    assert_eq!((db.code().code(), db.message()), ("53300", "sorry, too many clients already"));
+    assert_eq!(
+        (db.code().code(), db.message()),
+        ("53300", "sorry, too many clients already")
+    );
     a.simple_query("SELECT 1").await.unwrap();
     b.simple_query("SELECT 1").await.unwrap();
 }
@@ -115,24 +157,46 @@ async fn max_client_conn_refuses_with_53300() {
 #[tokio::test]
 async fn graceful_shutdown_lets_transactions_finish() {
     let (_, cluster) = fixture();
-    let proxy = start_proxy(config(cluster, |c| c.proxy.shutdown_timeout = Dur::secs(20))).await;
+    let proxy = start_proxy(config(cluster, |c| {
+        c.proxy.shutdown_timeout = Dur::secs(20)
+    }))
+    .await;
     let info = proxy.conninfo(DEMO_USER, DEMO_PASSWORD, DEMO_DATABASE);
     let (busy, _busy_conn) = connect_watched(&info).await;
     let (idle, idle_conn) = connect_watched(&info).await;
-    busy.batch_execute("BEGIN; INSERT INTO accounts (owner) VALUES ('graceful')").await.unwrap();
+    busy.batch_execute("BEGIN; INSERT INTO accounts (owner) VALUES ('graceful')")
+        .await
+        .unwrap();
 
     proxy.stop.cancel();
     // The idle client is told at once, with 57P01.
-    let idle_end = tokio::time::timeout(Duration::from_secs(10), idle_conn).await.unwrap().unwrap();
+    let idle_end = tokio::time::timeout(Duration::from_secs(10), idle_conn)
+        .await
+        .unwrap()
+        .unwrap();
     let code = idle_end.unwrap_err().code().map(|c| c.code().to_owned());
     assert_eq!(code.as_deref(), Some("57P01"));
     assert!(idle.simple_query("SELECT 1").await.is_err());
     // New connections are refused.
-    assert!(proxy.try_connect(DEMO_USER, DEMO_PASSWORD, DEMO_DATABASE).await.is_err());
+    assert!(
+        proxy
+            .try_connect(DEMO_USER, DEMO_PASSWORD, DEMO_DATABASE)
+            .await
+            .is_err()
+    );
     // The open transaction commits, then that client is closed too.
     busy.batch_execute("COMMIT").await.unwrap();
-    tokio::time::timeout(Duration::from_secs(10), proxy.task).await.unwrap().unwrap();
-    let n = cluster.psql(0, DEMO_DATABASE, "SELECT count(*) FROM accounts WHERE owner = 'graceful'").unwrap();
+    tokio::time::timeout(Duration::from_secs(10), proxy.task)
+        .await
+        .unwrap()
+        .unwrap();
+    let n = cluster
+        .psql(
+            0,
+            DEMO_DATABASE,
+            "SELECT count(*) FROM accounts WHERE owner = 'graceful'",
+        )
+        .unwrap();
     assert_eq!(n, "1");
 }
 
@@ -142,11 +206,32 @@ async fn shutdown_grace_period_ends_stuck_transactions() {
     let proxy = start_proxy(config(cluster, |c| c.proxy.shutdown_timeout = Dur::ms(500))).await;
     let info = proxy.conninfo(DEMO_USER, DEMO_PASSWORD, DEMO_DATABASE);
     let (stuck, stuck_conn) = connect_watched(&info).await;
-    stuck.batch_execute("BEGIN; INSERT INTO accounts (owner) VALUES ('stuck')").await.unwrap();
+    stuck
+        .batch_execute("BEGIN; INSERT INTO accounts (owner) VALUES ('stuck')")
+        .await
+        .unwrap();
     proxy.stop.cancel();
-    let end = tokio::time::timeout(Duration::from_secs(10), stuck_conn).await.unwrap().unwrap();
-    assert_eq!(end.unwrap_err().code().map(|c| c.code().to_owned()).as_deref(), Some("57P01"));
-    tokio::time::timeout(Duration::from_secs(10), proxy.task).await.unwrap().unwrap();
-    let n = cluster.psql(0, DEMO_DATABASE, "SELECT count(*) FROM accounts WHERE owner = 'stuck'").unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(10), stuck_conn)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        end.unwrap_err()
+            .code()
+            .map(|c| c.code().to_owned())
+            .as_deref(),
+        Some("57P01")
+    );
+    tokio::time::timeout(Duration::from_secs(10), proxy.task)
+        .await
+        .unwrap()
+        .unwrap();
+    let n = cluster
+        .psql(
+            0,
+            DEMO_DATABASE,
+            "SELECT count(*) FROM accounts WHERE owner = 'stuck'",
+        )
+        .unwrap();
     assert_eq!(n, "0", "the unfinished transaction was rolled back");
 }

@@ -17,7 +17,10 @@ async fn simple_extended_and_prepared_queries() {
     let proxy = start_proxy(config(cluster(), |_| {})).await;
     let client = proxy.connect().await;
 
-    let rows = client.simple_query("SELECT 1 AS one; SELECT 'two'").await.unwrap();
+    let rows = client
+        .simple_query("SELECT 1 AS one; SELECT 'two'")
+        .await
+        .unwrap();
     let values: Vec<String> = rows
         .iter()
         .filter_map(|m| match m {
@@ -27,10 +30,16 @@ async fn simple_extended_and_prepared_queries() {
         .collect();
     assert_eq!(values, ["1", "two"]);
 
-    let row = client.query_one("SELECT $1::int + $2::int", &[&40i32, &2i32]).await.unwrap();
+    let row = client
+        .query_one("SELECT $1::int + $2::int", &[&40i32, &2i32])
+        .await
+        .unwrap();
     assert_eq!(row.get::<_, i32>(0), 42);
 
-    let stmt = client.prepare("SELECT owner FROM accounts WHERE id = $1").await.unwrap();
+    let stmt = client
+        .prepare("SELECT owner FROM accounts WHERE id = $1")
+        .await
+        .unwrap();
     for id in [1i32, 7, 1000] {
         let row = client.query_one(&stmt, &[&id]).await.unwrap();
         assert_eq!(row.get::<_, String>(0), format!("user{id}"));
@@ -51,7 +60,10 @@ async fn simple_extended_and_prepared_queries() {
 async fn an_error_leaves_the_connection_usable() {
     let proxy = start_proxy(config(cluster(), |_| {})).await;
     let client = proxy.connect().await;
-    let err = client.simple_query("SELECT * FROM no_such_table").await.unwrap_err();
+    let err = client
+        .simple_query("SELECT * FROM no_such_table")
+        .await
+        .unwrap_err();
     assert_eq!(err.code().map(|c| c.code()), Some("42P01"));
     let err = client.query("SELECT 1/0", &[]).await.unwrap_err();
     assert_eq!(err.code().map(|c| c.code()), Some("22012"));
@@ -81,7 +93,9 @@ async fn copy_ten_megabytes_in_and_out() {
     for i in 0..rows {
         chunk.push_str(&format!("{i}\t{line_payload}\n"));
         if chunk.len() > 256 * 1024 {
-            sink.send(Bytes::from(std::mem::take(&mut chunk))).await.unwrap();
+            sink.send(Bytes::from(std::mem::take(&mut chunk)))
+                .await
+                .unwrap();
         }
     }
     sink.send(Bytes::from(chunk)).await.unwrap();
@@ -99,7 +113,11 @@ async fn copy_ten_megabytes_in_and_out() {
     }
     assert_eq!(lines, rows);
     assert!(bytes > 10_000_000, "copied out {bytes} bytes");
-    let sum: i64 = client.query_one("SELECT sum(length(payload)) FROM blob_copy", &[]).await.unwrap().get(0);
+    let sum: i64 = client
+        .query_one("SELECT sum(length(payload)) FROM blob_copy", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(sum, (rows * 1000) as i64);
 }
 
@@ -114,7 +132,10 @@ async fn cancel_request_reaches_the_right_backend() {
         token.cancel_query(NoTls).await
     });
     let started = std::time::Instant::now();
-    let err = client.simple_query("SELECT pg_sleep(30)").await.unwrap_err();
+    let err = client
+        .simple_query("SELECT pg_sleep(30)")
+        .await
+        .unwrap_err();
     assert_eq!(err.code().map(|c| c.code()), Some("57014"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(20));
     canceller.await.unwrap().unwrap();
@@ -126,21 +147,39 @@ async fn cancel_request_reaches_the_right_backend() {
 #[tokio::test]
 async fn wrong_password_and_unknown_database() {
     let proxy = start_proxy(config(cluster(), |_| {})).await;
-    let err = proxy.try_connect(DEMO_USER, "wrong", DEMO_DATABASE).await.unwrap_err();
+    let err = proxy
+        .try_connect(DEMO_USER, "wrong", DEMO_DATABASE)
+        .await
+        .unwrap_err();
     let db = err.as_db_error().expect("a server error");
     assert_eq!(db.code().code(), "28P01");
-    assert_eq!(db.message(), "password authentication failed for user \"app\"");
+    assert_eq!(
+        db.message(),
+        "password authentication failed for user \"app\""
+    );
 
-    let err = proxy.try_connect("nobody", "x", DEMO_DATABASE).await.unwrap_err();
+    let err = proxy
+        .try_connect("nobody", "x", DEMO_DATABASE)
+        .await
+        .unwrap_err();
     assert_eq!(err.code().map(|c| c.code()), Some("28P01"));
 
-    let err = proxy.try_connect(DEMO_USER, DEMO_PASSWORD, "nodb").await.unwrap_err();
+    let err = proxy
+        .try_connect(DEMO_USER, DEMO_PASSWORD, "nodb")
+        .await
+        .unwrap_err();
     let db = err.as_db_error().expect("a server error");
-    assert_eq!((db.code().code(), db.message()), ("3D000", "database \"nodb\" does not exist"));
+    assert_eq!(
+        (db.code().code(), db.message()),
+        ("3D000", "database \"nodb\" does not exist")
+    );
 
     let (ok, _, stderr) = psql(proxy.port(), "wrong", &["-c", "SELECT 1"]).await;
     assert!(!ok);
-    assert!(stderr.contains("password authentication failed for user \"app\""), "{stderr}");
+    assert!(
+        stderr.contains("password authentication failed for user \"app\""),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]
@@ -149,7 +188,13 @@ async fn psql_runs_scripts_through_the_proxy() {
     let (ok, out, err) = psql(
         proxy.port(),
         DEMO_PASSWORD,
-        &["-At", "-c", "SELECT count(*) FROM accounts", "-c", "SHOW application_name"],
+        &[
+            "-At",
+            "-c",
+            "SELECT count(*) FROM accounts",
+            "-c",
+            "SHOW application_name",
+        ],
     )
     .await;
     assert!(ok, "{err}");
@@ -158,7 +203,10 @@ async fn psql_runs_scripts_through_the_proxy() {
 
 #[tokio::test]
 async fn malformed_packets_close_only_that_client() {
-    let proxy = start_proxy(config(cluster(), |c| c.proxy.max_message_size = pgpilot::config::ByteSize(1 << 20))).await;
+    let proxy = start_proxy(config(cluster(), |c| {
+        c.proxy.max_message_size = pgpilot::config::ByteSize(1 << 20)
+    }))
+    .await;
     let bystander = proxy.connect().await;
 
     // A length below 4 inside a session.
@@ -173,28 +221,44 @@ async fn malformed_packets_close_only_that_client() {
     raw.send(&[b'Q', 0x10, 0, 0, 0]).await;
     let err = raw.recv().await.expect("an ErrorResponse");
     assert_eq!(err.sqlstate().as_deref(), Some("08P01"));
-    assert!(err.message().unwrap_or_default().contains("too large"), "{err:?}");
+    assert!(
+        err.message().unwrap_or_default().contains("too large"),
+        "{err:?}"
+    );
     assert!(raw.recv().await.is_none());
 
     // An unknown message type.
     let mut raw = Raw::login(proxy.port(), DEMO_USER, DEMO_PASSWORD, DEMO_DATABASE).await;
     raw.send(&[b'!', 0, 0, 0, 4]).await;
-    assert_eq!(raw.recv().await.and_then(|m| m.sqlstate()).as_deref(), Some("08P01"));
+    assert_eq!(
+        raw.recv().await.and_then(|m| m.sqlstate()).as_deref(),
+        Some("08P01")
+    );
 
     // Garbage instead of a startup packet.
     let mut raw = Raw::connect(proxy.port()).await;
     raw.send(&[0, 0, 0, 3, 1, 2, 3, 4]).await;
-    assert_eq!(raw.recv().await.and_then(|m| m.sqlstate()).as_deref(), Some("08P01"));
+    assert_eq!(
+        raw.recv().await.and_then(|m| m.sqlstate()).as_deref(),
+        Some("08P01")
+    );
 
     // Protocol 2.0 gets a clear error.
     let mut raw = Raw::connect(proxy.port()).await;
     raw.send(&[0, 0, 0, 8, 0, 2, 0, 0]).await;
     let err = raw.recv().await.expect("an ErrorResponse");
     assert_eq!(err.sqlstate().as_deref(), Some("0A000"));
-    assert!(err.message().unwrap_or_default().contains("unsupported frontend protocol 2.0"));
+    assert!(
+        err.message()
+            .unwrap_or_default()
+            .contains("unsupported frontend protocol 2.0")
+    );
 
     // The bystander never noticed.
-    let row = bystander.query_one("SELECT count(*) FROM accounts", &[]).await.unwrap();
+    let row = bystander
+        .query_one("SELECT count(*) FROM accounts", &[])
+        .await
+        .unwrap();
     assert_eq!(row.get::<_, i64>(0), 1000);
 }
 
@@ -209,11 +273,15 @@ async fn ssl_and_gssenc_requests_are_answered() {
     // And a normal startup still works on the same connection.
     let mut out = bytes::BytesMut::new();
     postgres_protocol::message::frontend::startup_message(
-        [("user", DEMO_USER), ("database", DEMO_DATABASE)].into_iter(),
+        [("user", DEMO_USER), ("database", DEMO_DATABASE)],
         &mut out,
     )
     .unwrap();
     raw.send(&out).await;
     let m = raw.recv().await.unwrap();
-    assert_eq!((m.tag, &m.body[..4]), (b'R', &10i32.to_be_bytes()[..]), "SASL requested");
+    assert_eq!(
+        (m.tag, &m.body[..4]),
+        (b'R', &10i32.to_be_bytes()[..]),
+        "SASL requested"
+    );
 }

@@ -53,12 +53,18 @@ impl Credentials {
                         plaintext: None,
                     }
                 } else {
-                    Secret { scram: ScramVerifier::from_password(&password), plaintext: Some(password) }
+                    Secret {
+                        scram: ScramVerifier::from_password(&password),
+                        plaintext: Some(password),
+                    }
                 };
                 (u.name.clone(), secret)
             })
             .collect();
-        Credentials { method: config.proxy.auth_type, users }
+        Credentials {
+            method: config.proxy.auth_type,
+            users,
+        }
     }
 
     /// Runs the authentication exchange for `user`. On success the caller sends
@@ -74,7 +80,9 @@ impl Credentials {
         W: AsyncWrite + Unpin,
     {
         let secret = self.users.get(user);
-        let failed = || AuthError::Failed { user: user.to_owned() };
+        let failed = || AuthError::Failed {
+            user: user.to_owned(),
+        };
         match self.method {
             AuthType::Trust => secret.map(|_| ()).ok_or_else(failed),
             AuthType::Md5 => {
@@ -85,7 +93,11 @@ impl Credentials {
                 let frame = expect_password(reader).await?;
                 let given = parse_password(&frame)?;
                 let expected = secret.and_then(|s| s.plaintext.as_deref()).map(|pw| {
-                    postgres_protocol::authentication::md5_hash(user.as_bytes(), pw.as_bytes(), salt)
+                    postgres_protocol::authentication::md5_hash(
+                        user.as_bytes(),
+                        pw.as_bytes(),
+                        salt,
+                    )
                 });
                 match expected {
                     Some(e) if e == given => Ok(()),
@@ -93,8 +105,9 @@ impl Credentials {
                 }
             }
             AuthType::ScramSha256 => {
-                let verifier =
-                    secret.map(|s| s.scram.clone()).unwrap_or_else(|| ScramVerifier::mock(user));
+                let verifier = secret
+                    .map(|s| s.scram.clone())
+                    .unwrap_or_else(|| ScramVerifier::mock(user));
                 let mut out = BytesMut::new();
                 backend::authentication_sasl(&mut out, &[scram::MECHANISM]);
                 writer.write_all(&out).await?;
@@ -126,7 +139,10 @@ async fn expect_password<R: AsyncRead + Unpin>(
 ) -> Result<crate::protocol::Frame, ProtocolError> {
     let frame = reader.expect().await?;
     if frame.tag != frontend::PASSWORD {
-        return Err(ProtocolError::Unexpected { tag: frame.tag, context: "during authentication" });
+        return Err(ProtocolError::Unexpected {
+            tag: frame.tag,
+            context: "during authentication",
+        });
     }
     Ok(frame)
 }

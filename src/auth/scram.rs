@@ -34,13 +34,17 @@ pub struct ScramVerifier {
 
 impl std::fmt::Debug for ScramVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ScramVerifier").field("iterations", &self.iterations).finish_non_exhaustive()
+        f.debug_struct("ScramVerifier")
+            .field("iterations", &self.iterations)
+            .finish_non_exhaustive()
     }
 }
 
 impl ScramVerifier {
     pub fn parse(s: &str) -> Result<Self, ScramError> {
-        let rest = s.strip_prefix("SCRAM-SHA-256$").ok_or(ScramError::BadVerifier)?;
+        let rest = s
+            .strip_prefix("SCRAM-SHA-256$")
+            .ok_or(ScramError::BadVerifier)?;
         let (iter_salt, keys) = rest.split_once('$').ok_or(ScramError::BadVerifier)?;
         let (iter, salt) = iter_salt.split_once(':').ok_or(ScramError::BadVerifier)?;
         let (stored, server) = keys.split_once(':').ok_or(ScramError::BadVerifier)?;
@@ -98,13 +102,17 @@ impl ScramExchange {
     pub fn start(verifier: ScramVerifier, client_first: &[u8]) -> Result<Self, ScramError> {
         let text = std::str::from_utf8(client_first).map_err(|_| ScramError::Malformed("utf-8"))?;
         // gs2-header: cbind-flag "," [authzid] ","
-        let (flag, rest) = text.split_once(',').ok_or(ScramError::Malformed("gs2 header"))?;
+        let (flag, rest) = text
+            .split_once(',')
+            .ok_or(ScramError::Malformed("gs2 header"))?;
         match flag {
             "n" | "y" => {}
             f if f.starts_with("p=") => return Err(ScramError::ChannelBinding),
             _ => return Err(ScramError::Malformed("channel binding flag")),
         }
-        let (_authzid, bare) = rest.split_once(',').ok_or(ScramError::Malformed("gs2 header"))?;
+        let (_authzid, bare) = rest
+            .split_once(',')
+            .ok_or(ScramError::Malformed("gs2 header"))?;
         let gs2_header = text[..text.len() - bare.len()].to_owned();
         let client_nonce = bare
             .split(',')
@@ -113,9 +121,18 @@ impl ScramExchange {
             .ok_or(ScramError::Malformed("client nonce"))?;
         let server_nonce: [u8; NONCE_LEN] = rand::random();
         let nonce = format!("{client_nonce}{}", B64.encode(server_nonce));
-        let server_first =
-            format!("r={nonce},s={},i={}", B64.encode(&verifier.salt), verifier.iterations);
-        Ok(Self { verifier, client_first_bare: bare.to_owned(), server_first, gs2_header, nonce })
+        let server_first = format!(
+            "r={nonce},s={},i={}",
+            B64.encode(&verifier.salt),
+            verifier.iterations
+        );
+        Ok(Self {
+            verifier,
+            client_first_bare: bare.to_owned(),
+            server_first,
+            gs2_header,
+            nonce,
+        })
     }
 
     pub fn server_first(&self) -> &str {
@@ -125,8 +142,9 @@ impl ScramExchange {
     /// Checks the client-final message; returns the server-final message on success.
     pub fn finish(&self, client_final: &[u8]) -> Result<String, ScramError> {
         let text = std::str::from_utf8(client_final).map_err(|_| ScramError::Malformed("utf-8"))?;
-        let (without_proof, proof) =
-            text.rsplit_once(",p=").ok_or(ScramError::Malformed("missing proof"))?;
+        let (without_proof, proof) = text
+            .rsplit_once(",p=")
+            .ok_or(ScramError::Malformed("missing proof"))?;
         let mut channel = None;
         let mut nonce = None;
         for attr in without_proof.split(',') {
@@ -143,12 +161,16 @@ impl ScramExchange {
         if nonce != Some(self.nonce.as_str()) {
             return Err(ScramError::NonceMismatch);
         }
-        let proof = B64.decode(proof).map_err(|_| ScramError::Malformed("proof encoding"))?;
+        let proof = B64
+            .decode(proof)
+            .map_err(|_| ScramError::Malformed("proof encoding"))?;
         if proof.len() != 32 {
             return Err(ScramError::BadProof);
         }
-        let auth_message =
-            format!("{},{},{}", self.client_first_bare, self.server_first, without_proof);
+        let auth_message = format!(
+            "{},{},{}",
+            self.client_first_bare, self.server_first, without_proof
+        );
         let signature = hmac(&self.verifier.stored_key, auth_message.as_bytes());
         let client_key: Vec<u8> = proof.iter().zip(&signature).map(|(a, b)| a ^ b).collect();
         let stored = Sha256::digest(&client_key);
@@ -171,11 +193,16 @@ mod tests {
 
     fn exchange(server_password: &str, client_password: &str) -> Result<(), ScramError> {
         let verifier = ScramVerifier::from_password(server_password);
-        let mut client = ScramSha256::new(client_password.as_bytes(), ChannelBinding::unsupported());
+        let mut client =
+            ScramSha256::new(client_password.as_bytes(), ChannelBinding::unsupported());
         let server = ScramExchange::start(verifier, client.message())?;
-        client.update(server.server_first().as_bytes()).map_err(|_| ScramError::BadProof)?;
+        client
+            .update(server.server_first().as_bytes())
+            .map_err(|_| ScramError::BadProof)?;
         let server_final = server.finish(client.message())?;
-        client.finish(server_final.as_bytes()).map_err(|_| ScramError::BadProof)
+        client
+            .finish(server_final.as_bytes())
+            .map_err(|_| ScramError::BadProof)
     }
 
     #[test]

@@ -45,9 +45,9 @@ impl ClientError {
             }
             ClientError::Protocol(_) => fatal(sqlstate::PROTOCOL_VIOLATION),
             ClientError::Auth(AuthError::Failed { .. }) => fatal(sqlstate::INVALID_PASSWORD),
-            ClientError::Auth(AuthError::Protocol(ProtocolError::Closed | ProtocolError::Io(_))) => {
-                None
-            }
+            ClientError::Auth(AuthError::Protocol(
+                ProtocolError::Closed | ProtocolError::Io(_),
+            )) => None,
             ClientError::Auth(AuthError::Protocol(_)) => fatal(sqlstate::PROTOCOL_VIOLATION),
             ClientError::TlsRequired => fatal(sqlstate::INVALID_AUTHORIZATION),
             ClientError::TlsHandshake(_) => None,
@@ -57,9 +57,11 @@ impl ClientError {
             ClientError::TooManyClients => fatal(sqlstate::TOO_MANY_CONNECTIONS),
             ClientError::NoNode(_) => fatal(sqlstate::CANNOT_CONNECT_NOW),
             ClientError::Pool(PoolError::CheckoutTimeout(_)) => fatal(sqlstate::QUERY_WAIT_TIMEOUT),
-            ClientError::Pool(PoolError::Connect(ServerError::Rejected(fields))) => {
-                Some((Severity::Fatal, fields.code.as_str(), fields.message.clone()))
-            }
+            ClientError::Pool(PoolError::Connect(ServerError::Rejected(fields))) => Some((
+                Severity::Fatal,
+                fields.code.as_str(),
+                fields.message.clone(),
+            )),
             ClientError::Pool(PoolError::Connect(_)) | ClientError::ServerLost(_) => {
                 fatal(sqlstate::CONNECTION_FAILURE)
             }
@@ -75,10 +77,20 @@ mod tests {
     #[test]
     fn sqlstates() {
         let code = |e: ClientError| e.response().map(|(_, c, _)| c.to_owned());
-        assert_eq!(code(ClientError::UnknownDatabase("x".into())).as_deref(), Some("3D000"));
+        assert_eq!(
+            code(ClientError::UnknownDatabase("x".into())).as_deref(),
+            Some("3D000")
+        );
         assert_eq!(code(ClientError::TooManyClients).as_deref(), Some("53300"));
-        assert_eq!(code(AuthError::Failed { user: "u".into() }.into()).as_deref(), Some("28P01"));
-        let big = ProtocolError::FrameTooLarge { tag: b'Q', len: 10, max: 5 };
+        assert_eq!(
+            code(AuthError::Failed { user: "u".into() }.into()).as_deref(),
+            Some("28P01")
+        );
+        let big = ProtocolError::FrameTooLarge {
+            tag: b'Q',
+            len: 10,
+            max: 5,
+        };
         assert_eq!(code(big.into()).as_deref(), Some("08P01"));
         assert_eq!(code(ProtocolError::Closed.into()), None);
         assert_eq!(code(ClientError::Shutdown).as_deref(), Some("57P01"));

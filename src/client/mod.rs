@@ -18,7 +18,7 @@ use tracing::{Instrument, debug, info_span, warn};
 pub use error::ClientError;
 
 use crate::app::Shared;
-use crate::config::{is_admin_database, PoolMode};
+use crate::config::{PoolMode, is_admin_database};
 use crate::pool::{PoolKey, PoolSettings, PooledConn};
 use crate::protocol::MessageReader;
 use crate::protocol::backend::{self, TxStatus};
@@ -88,7 +88,9 @@ where
     shared.credentials().authenticate(reader, wr, user).await?;
     let mut out = BytesMut::new();
     backend::authentication_ok(&mut out);
-    wr.write_all(&out).await.map_err(crate::protocol::ProtocolError::Io)?;
+    wr.write_all(&out)
+        .await
+        .map_err(crate::protocol::ProtocolError::Io)?;
     if is_admin_database(database) {
         return Err(ClientError::AdminConsole);
     }
@@ -109,8 +111,17 @@ where
     }
     backend::backend_key_data(&mut out, key);
     backend::ready_for_query(&mut out, TxStatus::Idle);
-    wr.write_all(&out).await.map_err(crate::protocol::ProtocolError::Io)?;
-    shared.cancels.register(key, CancelTarget { host: conn.host.clone(), port: conn.port, key });
+    wr.write_all(&out)
+        .await
+        .map_err(crate::protocol::ProtocolError::Io)?;
+    shared.cancels.register(
+        key,
+        CancelTarget {
+            host: conn.host.clone(),
+            port: conn.port,
+            key,
+        },
+    );
 
     let outcome = relay::relay(
         reader,
@@ -162,9 +173,16 @@ async fn checkout(
             .await
             .ok_or(ClientError::NoNode("primary"))?,
     };
-    let key = PoolKey { node: node.name.as_str().into(), database: database.into(), user: user.into() };
+    let key = PoolKey {
+        node: node.name.as_str().into(),
+        database: database.into(),
+        user: user.into(),
+    };
     let pool = shared.pools.get_or_create(key, || {
-        let password = config.user(user).and_then(|u| u.backend_password()).map(str::to_owned);
+        let password = config
+            .user(user)
+            .and_then(|u| u.backend_password())
+            .map(str::to_owned);
         let tls_required = !matches!(
             config.proxy.server_tls_mode,
             crate::config::ServerTlsMode::Disable | crate::config::ServerTlsMode::Prefer
@@ -223,7 +241,9 @@ async fn apply_startup_params(
     }
     match conn.simple_query(&sql).await {
         Ok(TxStatus::Idle) => Ok(()),
-        Ok(_) => Err(ClientError::ServerLost("startup parameters left a transaction open".into())),
+        Ok(_) => Err(ClientError::ServerLost(
+            "startup parameters left a transaction open".into(),
+        )),
         Err(crate::server::ServerError::Rejected(fields)) => Err(ClientError::Pool(
             crate::pool::PoolError::Connect(crate::server::ServerError::Rejected(fields)),
         )),
@@ -264,7 +284,11 @@ mod tests {
     #[test]
     fn options_parameter() {
         let got = parse_options("-c search_path=app,public --statement-timeout=5s -cwork_mem=4MB");
-        let want = [("search_path", "app,public"), ("statement_timeout", "5s"), ("work_mem", "4MB")];
+        let want = [
+            ("search_path", "app,public"),
+            ("statement_timeout", "5s"),
+            ("work_mem", "4MB"),
+        ];
         assert_eq!(got.len(), 3);
         for ((k, v), (wk, wv)) in got.iter().zip(want) {
             assert_eq!((k.as_str(), v.as_str()), (wk, wv));

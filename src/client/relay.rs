@@ -68,7 +68,12 @@ where
         sending: AtomicBool::new(false),
         changed: Notify::new(),
     };
-    let ServerConn { stream, buf, params, .. } = server;
+    let ServerConn {
+        stream,
+        buf,
+        params,
+        ..
+    } = server;
     let (srd, mut swr) = tokio::io::split(stream);
     let mut server_rd = MessageReader::new(srd, std::mem::take(buf), MAX_SERVER_MESSAGE);
 
@@ -142,7 +147,8 @@ where
                     if ready > 0 {
                         // Only once the client has the whole answer does the session count as
                         // idle, so a shutdown never cuts a result short.
-                        flow.in_tx.store(status != TxStatus::Idle, Ordering::Release);
+                        flow.in_tx
+                            .store(status != TxStatus::Idle, Ordering::Release);
                         let _ = flow.outstanding.fetch_update(
                             Ordering::AcqRel,
                             Ordering::Acquire,

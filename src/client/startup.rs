@@ -50,7 +50,10 @@ pub(super) async fn negotiate(
     }
 }
 
-type Phase = (Option<ClientStream>, Result<Option<StartupParams>, ClientError>);
+type Phase = (
+    Option<ClientStream>,
+    Result<Option<StartupParams>, ClientError>,
+);
 
 async fn negotiate_on(mut stream: ClientStream, buf: &mut BytesMut, shared: &Arc<Shared>) -> Phase {
     let tls_mode = shared.config().proxy.client_tls_mode;
@@ -73,11 +76,15 @@ async fn negotiate_on(mut stream: ClientStream, buf: &mut BytesMut, shared: &Arc
         };
         match packet {
             StartupPacket::Ssl | StartupPacket::GssEnc if !buf.is_empty() => {
-                fail!(ProtocolError::Malformed("unencrypted data after encryption request"))
+                fail!(ProtocolError::Malformed(
+                    "unencrypted data after encryption request"
+                ))
             }
             StartupPacket::Ssl => {
-                let acceptor =
-                    shared.tls_acceptor.as_ref().filter(|_| tls_mode != ClientTlsMode::Disable);
+                let acceptor = shared
+                    .tls_acceptor
+                    .as_ref()
+                    .filter(|_| tls_mode != ClientTlsMode::Disable);
                 stream = match (acceptor, stream) {
                     (Some(acceptor), MaybeTls::Plain(mut tcp)) => {
                         if let Err(e) = tcp.write_all(b"S").await {
@@ -96,7 +103,9 @@ async fn negotiate_on(mut stream: ClientStream, buf: &mut BytesMut, shared: &Arc
                     }
                     (_, tls @ MaybeTls::Tls(_)) => {
                         stream = tls;
-                        fail!(ProtocolError::Malformed("SSL request on an encrypted connection"))
+                        fail!(ProtocolError::Malformed(
+                            "SSL request on an encrypted connection"
+                        ))
                     }
                 };
             }
@@ -125,7 +134,8 @@ async fn forward_cancel(shared: &Shared, key: crate::protocol::startup::BackendK
     match shared.cancels.lookup(key) {
         Some(target) => {
             info!(host = %target.host, port = target.port, "forwarding cancel request");
-            if let Err(e) = crate::server::send_cancel(&target.host, target.port, target.key).await {
+            if let Err(e) = crate::server::send_cancel(&target.host, target.port, target.key).await
+            {
                 debug!(error = %e, "cancel request could not be delivered");
             }
         }

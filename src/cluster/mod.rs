@@ -65,7 +65,9 @@ impl ClusterView {
     }
 
     fn elect(&mut self) {
-        let current = self.primary.filter(|&i| self.nodes[i].role == Role::Primary);
+        let current = self
+            .primary
+            .filter(|&i| self.nodes[i].role == Role::Primary);
         let best = current.or_else(|| {
             (0..self.nodes.len())
                 .filter(|&i| self.nodes[i].role == Role::Primary)
@@ -101,7 +103,10 @@ impl Cluster {
             primary: None,
             epoch: 0,
         };
-        Arc::new(Cluster { view: ArcSwap::from_pointee(view), changed: watch::channel(0).0 })
+        Arc::new(Cluster {
+            view: ArcSwap::from_pointee(view),
+            changed: watch::channel(0).0,
+        })
     }
 
     pub fn view(&self) -> Arc<ClusterView> {

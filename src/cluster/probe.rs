@@ -19,7 +19,12 @@ pub(super) struct Prober {
 
 impl Prober {
     pub(super) fn new(cluster: Arc<Cluster>, index: usize, config: ClusterConfig) -> Self {
-        Prober { cluster, index, config, client: None }
+        Prober {
+            cluster,
+            index,
+            config,
+            client: None,
+        }
     }
 
     pub(super) async fn run(mut self, shutdown: CancellationToken) {
@@ -30,7 +35,8 @@ impl Prober {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let outcome = tokio::time::timeout(self.config.probe_timeout.0, self.probe_once()).await;
+            let outcome =
+                tokio::time::timeout(self.config.probe_timeout.0, self.probe_once()).await;
             match outcome {
                 Ok(Ok(role)) => self.cluster.report(self.index, role, None),
                 Ok(Err(e)) => {
@@ -39,7 +45,8 @@ impl Prober {
                 }
                 Err(_) => {
                     self.client = None;
-                    self.cluster.report(self.index, Role::Down, Some("probe timed out".into()));
+                    self.cluster
+                        .report(self.index, Role::Down, Some("probe timed out".into()));
                 }
             }
         }

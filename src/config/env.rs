@@ -12,7 +12,9 @@ pub fn apply_overrides(
 ) -> Result<Vec<String>, String> {
     let mut applied = Vec::new();
     for (name, raw) in vars {
-        let Some(path) = name.strip_prefix(PREFIX) else { continue };
+        let Some(path) = name.strip_prefix(PREFIX) else {
+            continue;
+        };
         let segments: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
         if segments.iter().any(String::is_empty) {
             return Err(format!("environment variable {name}: empty key segment"));
@@ -32,7 +34,9 @@ fn set_path(table: &mut Table, segments: &[String], raw: &str) -> Result<(), Str
             Ok(())
         }
         [first, rest @ ..] => {
-            let child = table.entry(first.clone()).or_insert_with(|| Value::Table(Table::new()));
+            let child = table
+                .entry(first.clone())
+                .or_insert_with(|| Value::Table(Table::new()));
             set_in_value(child, first, rest, raw)
         }
     }
@@ -42,8 +46,12 @@ fn set_in_value(value: &mut Value, name: &str, rest: &[String], raw: &str) -> Re
     match value {
         Value::Table(t) => set_path(t, rest, raw),
         Value::Array(items) => {
-            let (idx, rest) = rest.split_first().ok_or_else(|| format!("\"{name}\" needs an index"))?;
-            let i: usize = idx.parse().map_err(|_| format!("\"{idx}\" is not an array index"))?;
+            let (idx, rest) = rest
+                .split_first()
+                .ok_or_else(|| format!("\"{name}\" needs an index"))?;
+            let i: usize = idx
+                .parse()
+                .map_err(|_| format!("\"{idx}\" is not an array index"))?;
             let elem = items
                 .get_mut(i)
                 .ok_or_else(|| format!("index {i} is past the end of \"{name}\""))?;
@@ -82,7 +90,9 @@ mod tests {
     use super::*;
 
     fn vars(list: &[(&str, &str)]) -> Vec<(String, String)> {
-        list.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        list.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]

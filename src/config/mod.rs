@@ -16,7 +16,10 @@ pub use units::{ByteSize, Dur, format_duration, parse_duration};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{0}")]
@@ -207,14 +210,18 @@ pub struct UserConfig {
 
 impl UserConfig {
     pub fn password_is_verifier(&self) -> bool {
-        self.password.as_deref().is_some_and(|p| p.starts_with("SCRAM-SHA-256$"))
+        self.password
+            .as_deref()
+            .is_some_and(|p| p.starts_with("SCRAM-SHA-256$"))
     }
 
     /// The password pgpilot presents to PostgreSQL for this user.
     pub fn backend_password(&self) -> Option<&str> {
-        self.server_password
-            .as_deref()
-            .or_else(|| self.password.as_deref().filter(|_| !self.password_is_verifier()))
+        self.server_password.as_deref().or_else(|| {
+            self.password
+                .as_deref()
+                .filter(|_| !self.password_is_verifier())
+        })
     }
 }
 
@@ -241,8 +248,10 @@ fn default_routing() -> Routing {
 impl Config {
     /// Reads `path`, applies `PGPILOT_*` overrides from the process environment and validates.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
         Self::from_toml_with_env(&text, path, std::env::vars())
     }
 
@@ -252,7 +261,10 @@ impl Config {
         path: &Path,
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        let parse_err = |message: String| ConfigError::Parse { path: path.into(), message };
+        let parse_err = |message: String| ConfigError::Parse {
+            path: path.into(),
+            message,
+        };
         let mut table: toml::Table = text.parse().map_err(|e| parse_err(format!("{e}")))?;
         env::apply_overrides(&mut table, vars).map_err(ConfigError::Env)?;
         let config: Config = Config::deserialize(table).map_err(|e| parse_err(e.to_string()))?;
@@ -278,7 +290,10 @@ impl Config {
         }
         for db in &self.databases {
             if is_admin_database(&db.name) {
-                return bad(format!("database name \"{}\" is reserved for the admin console", db.name));
+                return bad(format!(
+                    "database name \"{}\" is reserved for the admin console",
+                    db.name
+                ));
             }
         }
         let p = &self.proxy;
@@ -361,10 +376,14 @@ fn unique<'a>(what: &str, names: impl Iterator<Item = &'a str>) -> Result<(), Co
     let mut seen = HashSet::new();
     for n in names {
         if n.is_empty() {
-            return Err(ConfigError::Invalid(format!("an entry in [[{what}]] has an empty name")));
+            return Err(ConfigError::Invalid(format!(
+                "an entry in [[{what}]] has an empty name"
+            )));
         }
         if !seen.insert(n) {
-            return Err(ConfigError::Invalid(format!("duplicate name \"{n}\" in [[{what}]]")));
+            return Err(ConfigError::Invalid(format!(
+                "duplicate name \"{n}\" in [[{what}]]"
+            )));
         }
     }
     Ok(())

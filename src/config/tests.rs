@@ -36,12 +36,18 @@ fn unknown_keys_are_named() {
 fn env_overrides_apply_and_bad_values_are_reported() {
     let vars = vec![
         ("PGPILOT_PROXY__POOL_SIZE".to_string(), "3".to_string()),
-        ("PGPILOT_CLUSTER__FAILOVER_TIMEOUT".to_string(), "1500ms".to_string()),
+        (
+            "PGPILOT_CLUSTER__FAILOVER_TIMEOUT".to_string(),
+            "1500ms".to_string(),
+        ),
     ];
     let c = Config::from_toml_with_env(MINIMAL, Path::new("t"), vars).unwrap();
     assert_eq!(c.proxy.pool_size, 3);
     assert_eq!(c.cluster.failover_timeout.0, Duration::from_millis(1500));
-    let vars = vec![("PGPILOT_CLUSTER__PROBE_INTERVAL".to_string(), "fast".to_string())];
+    let vars = vec![(
+        "PGPILOT_CLUSTER__PROBE_INTERVAL".to_string(),
+        "fast".to_string(),
+    )];
     let err = Config::from_toml_with_env(MINIMAL, Path::new("t"), vars).unwrap_err();
     assert!(err.to_string().contains("probe_interval"), "{err}");
 }
@@ -49,15 +55,37 @@ fn env_overrides_apply_and_bad_values_are_reported() {
 #[test]
 fn validation_rejects_inconsistent_settings() {
     let cases = [
-        (MINIMAL.replace("[[nodes]]\nname = \"pg1\"\nhost = \"127.0.0.1\"", ""), "nodes"),
+        (
+            MINIMAL.replace("[[nodes]]\nname = \"pg1\"\nhost = \"127.0.0.1\"", ""),
+            "nodes",
+        ),
         (format!("{MINIMAL}[proxy]\npool_size = 0\n"), "pool_size"),
-        (format!("{MINIMAL}[proxy]\nclient_tls_mode = \"require\"\n"), "client_tls_cert"),
-        (format!("{MINIMAL}[proxy]\nserver_tls_mode = \"verify-full\"\n"), "server_tls_ca"),
-        (MINIMAL.replace("password = \"secret\"", "password = \"SCRAM-SHA-256$4096:x$y:z\""),
-         "server_password"),
-        (MINIMAL.replace("[[databases]]\nname = \"app\"", "[[databases]]\nname = \"pgbouncer\""),
-         "reserved"),
-        (format!("{MINIMAL}[[databases]]\nname = \"app\"\n"), "duplicate"),
+        (
+            format!("{MINIMAL}[proxy]\nclient_tls_mode = \"require\"\n"),
+            "client_tls_cert",
+        ),
+        (
+            format!("{MINIMAL}[proxy]\nserver_tls_mode = \"verify-full\"\n"),
+            "server_tls_ca",
+        ),
+        (
+            MINIMAL.replace(
+                "password = \"secret\"",
+                "password = \"SCRAM-SHA-256$4096:x$y:z\"",
+            ),
+            "server_password",
+        ),
+        (
+            MINIMAL.replace(
+                "[[databases]]\nname = \"app\"",
+                "[[databases]]\nname = \"pgbouncer\"",
+            ),
+            "reserved",
+        ),
+        (
+            format!("{MINIMAL}[[databases]]\nname = \"app\"\n"),
+            "duplicate",
+        ),
     ];
     for (text, needle) in cases {
         let err = Config::from_toml(&text).expect_err(needle).to_string();

@@ -17,9 +17,13 @@ pub struct ByteSize(pub u64);
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
     let (num, unit) = (&s[..split], s[split..].trim());
-    let value: f64 = num.parse().map_err(|_| format!("invalid duration \"{s}\""))?;
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration \"{s}\""))?;
     let secs = match unit {
         "us" => value / 1e6,
         "ms" => value / 1e3,
@@ -27,7 +31,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "m" | "min" => value * 60.0,
         "h" => value * 3600.0,
         "d" => value * 86400.0,
-        "" => return Err(format!("duration \"{s}\" needs a unit (us, ms, s, m, h, d)")),
+        "" => {
+            return Err(format!(
+                "duration \"{s}\" needs a unit (us, ms, s, m, h, d)"
+            ));
+        }
         _ => return Err(format!("unknown unit \"{unit}\" in duration \"{s}\"")),
     };
     Duration::try_from_secs_f64(secs).map_err(|_| format!("duration \"{s}\" is out of range"))
@@ -57,12 +65,19 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "TB" | "T" => 1 << 40,
         _ => return Err(format!("unknown unit \"{unit}\" in size \"{s}\"")),
     };
-    value.checked_mul(mult).ok_or_else(|| format!("size \"{s}\" is out of range"))
+    value
+        .checked_mul(mult)
+        .ok_or_else(|| format!("size \"{s}\" is out of range"))
 }
 
 pub fn format_size(n: u64) -> String {
-    for (unit, mult) in [("TB", 1u64 << 40), ("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)] {
-        if n >= mult && n % mult == 0 {
+    for (unit, mult) in [
+        ("TB", 1u64 << 40),
+        ("GB", 1 << 30),
+        ("MB", 1 << 20),
+        ("kB", 1 << 10),
+    ] {
+        if n >= mult && n.is_multiple_of(mult) {
             return format!("{}{unit}", n / mult);
         }
     }
@@ -89,9 +104,10 @@ impl<'de, T, F: FnOnce(&str) -> Result<T, String>> Visitor<'de> for StrOrInt<F> 
 
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(StrOrInt("a duration like \"500ms\" or \"3s\"", |s: &str| {
-            parse_duration(s).map(Dur)
-        }))
+        d.deserialize_any(StrOrInt(
+            "a duration like \"500ms\" or \"3s\"",
+            |s: &str| parse_duration(s).map(Dur),
+        ))
     }
 }
 
@@ -103,9 +119,10 @@ impl Serialize for Dur {
 
 impl<'de> Deserialize<'de> for ByteSize {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(StrOrInt("a size like \"16MB\" or a number of bytes", |s: &str| {
-            parse_size(s).map(ByteSize)
-        }))
+        d.deserialize_any(StrOrInt(
+            "a size like \"16MB\" or a number of bytes",
+            |s: &str| parse_size(s).map(ByteSize),
+        ))
     }
 }
 

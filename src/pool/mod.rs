@@ -62,17 +62,27 @@ impl Pool {
             .map_err(|_| PoolError::CheckoutTimeout(wait))?;
         let now = Instant::now();
         loop {
-            let Some(conn) = self.idle.lock().pop() else { break };
+            let Some(conn) = self.idle.lock().pop() else {
+                break;
+            };
             let expired = now.duration_since(conn.created) >= self.settings.lifetime
                 || now.duration_since(conn.last_used) >= self.settings.idle_timeout;
             if expired || conn.is_dead() {
                 tokio::spawn(conn.close());
                 continue;
             }
-            return Ok(PooledConn { conn: Some(conn), pool: self.clone(), _permit: permit });
+            return Ok(PooledConn {
+                conn: Some(conn),
+                pool: self.clone(),
+                _permit: permit,
+            });
         }
         let conn = ServerConn::connect(&self.connect).await?;
-        Ok(PooledConn { conn: Some(conn), pool: self.clone(), _permit: permit })
+        Ok(PooledConn {
+            conn: Some(conn),
+            pool: self.clone(),
+            _permit: permit,
+        })
     }
 
     pub fn idle_count(&self) -> usize {
@@ -98,7 +108,9 @@ pub struct PooledConn {
 
 impl PooledConn {
     pub fn conn(&mut self) -> &mut ServerConn {
-        self.conn.as_mut().expect("a PooledConn holds its connection until released")
+        self.conn
+            .as_mut()
+            .expect("a PooledConn holds its connection until released")
     }
 
     pub fn pool(&self) -> &Arc<Pool> {
@@ -108,7 +120,9 @@ impl PooledConn {
     /// Resets the session state (`DISCARD ALL`) and returns the connection to the pool; a
     /// connection that fails the reset is closed instead.
     pub async fn release(mut self) {
-        let Some(mut conn) = self.conn.take() else { return };
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
         match conn.simple_query("DISCARD ALL").await {
             Ok(TxStatus::Idle) => self.pool.check_in(conn),
             _ => conn.close().await,

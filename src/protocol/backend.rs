@@ -122,7 +122,11 @@ impl Severity {
 
 pub fn error_response(buf: &mut BytesMut, severity: Severity, code: &str, message: &str) {
     write_message(buf, ERROR_RESPONSE, |b| {
-        for (kind, value) in [(b'S', severity.as_str()), (b'V', severity.as_str()), (b'C', code)] {
+        for (kind, value) in [
+            (b'S', severity.as_str()),
+            (b'V', severity.as_str()),
+            (b'C', code),
+        ] {
             b.put_u8(kind);
             put_cstr(b, value);
         }
@@ -242,7 +246,12 @@ mod tests {
     #[test]
     fn error_response_roundtrips_through_the_view() {
         let mut b = BytesMut::new();
-        error_response(&mut b, Severity::Fatal, "28P01", "password authentication failed");
+        error_response(
+            &mut b,
+            Severity::Fatal,
+            "28P01",
+            "password authentication failed",
+        );
         let frame = Frame::from_raw(b).unwrap();
         let f = ErrorFields::parse(&frame).unwrap();
         assert_eq!((f.severity.as_str(), f.code.as_str()), ("FATAL", "28P01"));
@@ -253,10 +262,19 @@ mod tests {
     fn ready_for_query_and_key_views() {
         let mut b = BytesMut::new();
         ready_for_query(&mut b, TxStatus::Failed);
-        assert_eq!(ReadyForQuery::parse(&Frame::from_raw(b).unwrap()).unwrap(), TxStatus::Failed);
+        assert_eq!(
+            ReadyForQuery::parse(&Frame::from_raw(b).unwrap()).unwrap(),
+            TxStatus::Failed
+        );
         let mut b = BytesMut::new();
-        let key = BackendKey { pid: 42, secret: -7 };
+        let key = BackendKey {
+            pid: 42,
+            secret: -7,
+        };
         backend_key_data(&mut b, key);
-        assert_eq!(parse_backend_key(&Frame::from_raw(b).unwrap()).unwrap(), key);
+        assert_eq!(
+            parse_backend_key(&Frame::from_raw(b).unwrap()).unwrap(),
+            key
+        );
     }
 }

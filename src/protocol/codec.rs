@@ -85,7 +85,11 @@ impl FrameCodec {
             return Err(ProtocolError::InvalidLength { tag, len });
         }
         if len - 4 > self.max_body {
-            return Err(ProtocolError::FrameTooLarge { tag, len, max: self.max_body });
+            return Err(ProtocolError::FrameTooLarge {
+                tag,
+                len,
+                max: self.max_body,
+            });
         }
         let total = len + 1;
         Ok((src.len() >= total).then_some(total))
@@ -164,7 +168,10 @@ mod tests {
         assert_eq!((b.tag, b.body().len()), (b'X', 0));
         assert!(codec.decode(&mut src).unwrap().is_none());
         src.extend_from_slice(&partial[7..]);
-        assert_eq!(codec.decode(&mut src).unwrap().unwrap().body(), b"select 2\0");
+        assert_eq!(
+            codec.decode(&mut src).unwrap().unwrap().body(),
+            b"select 2\0"
+        );
     }
 
     #[test]
@@ -177,7 +184,11 @@ mod tests {
         let mut big = msg(b'd', &[0; 11]);
         assert!(matches!(
             FrameCodec::new(10).decode(&mut big),
-            Err(ProtocolError::FrameTooLarge { len: 15, max: 10, .. })
+            Err(ProtocolError::FrameTooLarge {
+                len: 15,
+                max: 10,
+                ..
+            })
         ));
     }
 

@@ -18,7 +18,11 @@ pub struct MessageReader<R> {
 
 impl<R: AsyncRead + Unpin> MessageReader<R> {
     pub fn new(inner: R, buf: BytesMut, max_body: usize) -> Self {
-        Self { inner, buf, codec: FrameCodec::new(max_body) }
+        Self {
+            inner,
+            buf,
+            codec: FrameCodec::new(max_body),
+        }
     }
 
     /// The next complete frame, or `Ok(None)` at a clean end of stream between messages.

@@ -40,7 +40,10 @@ pub struct StartupParams {
 
 impl StartupParams {
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn user(&self) -> Option<&str> {
@@ -49,12 +52,17 @@ impl StartupParams {
 
     /// The database, which defaults to the user name as in PostgreSQL.
     pub fn database(&self) -> Option<&str> {
-        self.get("database").filter(|d| !d.is_empty()).or_else(|| self.user())
+        self.get("database")
+            .filter(|d| !d.is_empty())
+            .or_else(|| self.user())
     }
 
     /// Protocol options (`_pq_.*`) the client asked for; the proxy supports none of them.
     pub fn protocol_options(&self) -> impl Iterator<Item = &str> {
-        self.params.iter().filter(|(k, _)| k.starts_with("_pq_.")).map(|(k, _)| k.as_str())
+        self.params
+            .iter()
+            .filter(|(k, _)| k.starts_with("_pq_."))
+            .map(|(k, _)| k.as_str())
     }
 }
 
@@ -87,7 +95,10 @@ pub fn decode_startup(src: &mut BytesMut) -> Result<Option<StartupPacket>, Proto
         CANCEL_REQUEST => {
             exact(8)?;
             let mut b = body;
-            let key = BackendKey { pid: b.get_i32(), secret: b.get_i32() };
+            let key = BackendKey {
+                pid: b.get_i32(),
+                secret: b.get_i32(),
+            };
             Ok(Some(StartupPacket::Cancel(key)))
         }
         _ => {
@@ -112,11 +123,18 @@ fn parse_params(mut body: &[u8], minor_version: u16) -> Result<StartupParams, Pr
         params.push((key.to_owned(), value.to_owned()));
     }
     if !body.is_empty() {
-        return Err(ProtocolError::Malformed("trailing bytes after startup parameters"));
+        return Err(ProtocolError::Malformed(
+            "trailing bytes after startup parameters",
+        ));
     }
-    let params = StartupParams { minor_version, params };
+    let params = StartupParams {
+        minor_version,
+        params,
+    };
     if params.user().is_none_or(str::is_empty) {
-        return Err(ProtocolError::Malformed("no PostgreSQL user name specified in startup packet"));
+        return Err(ProtocolError::Malformed(
+            "no PostgreSQL user name specified in startup packet",
+        ));
     }
     Ok(params)
 }
@@ -164,7 +182,10 @@ mod tests {
         assert_eq!(decode_startup(&mut b).unwrap(), Some(StartupPacket::GssEnc));
         let mut b = BytesMut::from(&[0, 0, 0, 16, 4, 210, 22, 46, 0, 0, 0, 7, 0, 0, 0, 9][..]);
         let key = BackendKey { pid: 7, secret: 9 };
-        assert_eq!(decode_startup(&mut b).unwrap(), Some(StartupPacket::Cancel(key)));
+        assert_eq!(
+            decode_startup(&mut b).unwrap(),
+            Some(StartupPacket::Cancel(key))
+        );
         let mut b = encode_startup(&[("user", "app"), ("database", "db")]);
         match decode_startup(&mut b).unwrap() {
             Some(StartupPacket::Startup(p)) => {
@@ -183,7 +204,10 @@ mod tests {
             Err(ProtocolError::UnsupportedProtocol { major: 2, minor: 0 })
         ));
         let mut huge = BytesMut::from(&[0, 1, 0, 0][..]);
-        assert!(matches!(decode_startup(&mut huge), Err(ProtocolError::InvalidStartupLength(_))));
+        assert!(matches!(
+            decode_startup(&mut huge),
+            Err(ProtocolError::InvalidStartupLength(_))
+        ));
         let mut nouser = encode_startup(&[("database", "x")]);
         assert!(decode_startup(&mut nouser).is_err());
         let mut partial = BytesMut::from(&encode_startup(&[("user", "a")])[..6]);

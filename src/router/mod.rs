@@ -28,8 +28,11 @@ pub struct ReplicaPicker {
 
 impl ReplicaPicker {
     pub fn pick<'a>(&self, view: &'a ClusterView) -> Option<&'a NodeStatus> {
-        let replicas: Vec<&NodeStatus> =
-            view.nodes.iter().filter(|n| n.role == Role::Replica).collect();
+        let replicas: Vec<&NodeStatus> = view
+            .nodes
+            .iter()
+            .filter(|n| n.role == Role::Replica)
+            .collect();
         if replicas.is_empty() {
             return None;
         }

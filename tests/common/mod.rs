@@ -20,7 +20,8 @@ pub fn cluster() -> &'static DevCluster {
 
 /// A new cluster with the sample dataset loaded.
 pub fn start_cluster(opts: DevClusterOptions) -> DevCluster {
-    let c = DevCluster::start(opts).unwrap_or_else(|e| panic!("cannot start the test cluster: {e}"));
+    let c =
+        DevCluster::start(opts).unwrap_or_else(|e| panic!("cannot start the test cluster: {e}"));
     pgpilot::demo::load_sample_data(&c).unwrap_or_else(|e| panic!("sample data: {e}"));
     c
 }
@@ -28,8 +29,13 @@ pub fn start_cluster(opts: DevClusterOptions) -> DevCluster {
 /// Connects with tokio-postgres and keeps the connection task's result for inspection.
 pub async fn connect_watched(
     conninfo: &str,
-) -> (Client, tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>) {
-    let (client, conn) = tokio_postgres::connect(conninfo, NoTls).await.expect("connect");
+) -> (
+    Client,
+    tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+) {
+    let (client, conn) = tokio_postgres::connect(conninfo, NoTls)
+        .await
+        .expect("connect");
     (client, tokio::spawn(conn))
 }
 
@@ -64,7 +70,8 @@ impl TestProxy {
         password: &str,
         db: &str,
     ) -> Result<Client, tokio_postgres::Error> {
-        let (client, conn) = tokio_postgres::connect(&self.conninfo(user, password, db), NoTls).await?;
+        let (client, conn) =
+            tokio_postgres::connect(&self.conninfo(user, password, db), NoTls).await?;
         tokio::spawn(conn);
         Ok(client)
     }
@@ -115,7 +122,8 @@ pub async fn psql_conn(conninfo: &str, password: &str, args: &[&str]) -> (bool, 
 }
 
 fn psql_blocking(proxy_port: u16, password: &str, args: &[String]) -> (bool, String, String) {
-    let conninfo = format!("host=127.0.0.1 port={proxy_port} user={DEMO_USER} dbname={DEMO_DATABASE}");
+    let conninfo =
+        format!("host=127.0.0.1 port={proxy_port} user={DEMO_USER} dbname={DEMO_DATABASE}");
     run_psql(&conninfo, password, args)
 }
 
@@ -143,7 +151,10 @@ where
 {
     let deadline = tokio::time::Instant::now() + timeout;
     while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }

@@ -47,8 +47,13 @@ fn field(body: &[u8], kind: u8) -> Option<String> {
 
 impl Raw {
     pub async fn connect(port: u16) -> Raw {
-        let stream = TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
-        Raw { stream, buf: BytesMut::new() }
+        let stream = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        Raw {
+            stream,
+            buf: BytesMut::new(),
+        }
     }
 
     pub async fn send(&mut self, bytes: &[u8]) {
@@ -64,7 +69,8 @@ impl Raw {
     pub async fn recv(&mut self) -> Option<Msg> {
         loop {
             if self.buf.len() >= 5 {
-                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
+                    as usize;
                 if self.buf.len() > len {
                     let tag = self.buf[0];
                     self.buf.advance(5);
@@ -95,15 +101,22 @@ impl Raw {
     pub async fn login(port: u16, user: &str, password: &str, db: &str) -> Raw {
         let mut raw = Raw::connect(port).await;
         let mut out = BytesMut::new();
-        frontend::startup_message([("user", user), ("database", db)].into_iter(), &mut out).unwrap();
+        frontend::startup_message([("user", user), ("database", db)], &mut out)
+            .unwrap();
         raw.send(&out).await;
         let mut scram = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
         loop {
             let m = raw.recv().await.expect("server closed during login");
-            match (m.tag, m.body.get(..4).map(|c| i32::from_be_bytes([c[0], c[1], c[2], c[3]]))) {
+            match (
+                m.tag,
+                m.body
+                    .get(..4)
+                    .map(|c| i32::from_be_bytes([c[0], c[1], c[2], c[3]])),
+            ) {
                 (b'R', Some(10)) => {
                     out.clear();
-                    frontend::sasl_initial_response("SCRAM-SHA-256", scram.message(), &mut out).unwrap();
+                    frontend::sasl_initial_response("SCRAM-SHA-256", scram.message(), &mut out)
+                        .unwrap();
                     raw.send(&out).await;
                 }
                 (b'R', Some(11)) => {

@@ -17,21 +17,47 @@ impl Drop for TestCerts {
 }
 
 fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl").current_dir(dir).args(args).output().expect("run openssl");
-    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 pub fn make() -> TestCerts {
-    let dir = std::env::temp_dir().join(format!("pgpilot-certs-{}-{:x}", std::process::id(), rand_u64()));
+    let dir = std::env::temp_dir().join(format!(
+        "pgpilot-certs-{}-{:x}",
+        std::process::id(),
+        rand_u64()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
     let mut ca_args = vec!["req", "-x509", "-days", "2", "-subj", "/CN=pgpilot test CA"];
     ca_args.extend(ec);
     ca_args.extend(["-keyout", "ca.key", "-out", "ca.crt"]);
     ca_args.extend(["-addext", "basicConstraints=critical,CA:TRUE"]);
     ca_args.extend(["-addext", "keyUsage=critical,keyCertSign,cRLSign"]);
     openssl(&dir, &ca_args);
-    let mut csr_args = vec!["req", "-subj", "/CN=localhost", "-keyout", "server.key", "-out", "server.csr"];
+    let mut csr_args = vec![
+        "req",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ];
     csr_args.extend(ec);
     openssl(&dir, &csr_args);
     std::fs::write(
@@ -43,8 +69,21 @@ pub fn make() -> TestCerts {
     openssl(
         &dir,
         &[
-            "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-            "-CAcreateserial", "-days", "2", "-out", "server.crt", "-extfile", "ext.cnf",
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            "server.crt",
+            "-extfile",
+            "ext.cnf",
         ],
     );
     TestCerts {
