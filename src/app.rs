@@ -71,7 +71,9 @@ impl Proxy {
     pub async fn bind(config: Config) -> Result<Self, AppError> {
         let addr = config.proxy.listen;
         if config.proxy.pool_mode == crate::config::PoolMode::Transaction {
-            warn!("pool_mode = \"transaction\" is not implemented yet: clients get session pooling");
+            warn!(
+                "pool_mode = \"transaction\" is not implemented yet: clients get session pooling"
+            );
         }
         let listener = TcpListener::bind(addr)
             .await

@@ -101,8 +101,7 @@ impl Raw {
     pub async fn login(port: u16, user: &str, password: &str, db: &str) -> Raw {
         let mut raw = Raw::connect(port).await;
         let mut out = BytesMut::new();
-        frontend::startup_message([("user", user), ("database", db)], &mut out)
-            .unwrap();
+        frontend::startup_message([("user", user), ("database", db)], &mut out).unwrap();
         raw.send(&out).await;
         let mut scram = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
         loop {
