@@ -1,6 +1,9 @@
 //! Where a client's work goes. Today a session goes to the elected primary, or to a replica for a
 //! database with `routing = "replica"`; per-statement read routing plugs in here.
 
+pub mod classify;
+pub mod lexer;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::cluster::{ClusterView, NodeStatus, Role};
