@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 seconds=${1:-30}
-targets=(frames startup)
+targets=(frames startup classify)
 if command -v cargo-fuzz >/dev/null 2>&1; then
   for t in "${targets[@]}"; do
     mkdir -p "corpus/$t"
