@@ -285,3 +285,28 @@ async fn ssl_and_gssenc_requests_are_answered() {
         "SASL requested"
     );
 }
+
+#[tokio::test]
+async fn probes_report_roles_wal_positions_and_lag() {
+    let proxy = start_proxy(config(cluster(), |_| {})).await;
+    let cluster_state = proxy.shared.cluster.clone();
+    common::eventually(Duration::from_secs(10), "all nodes probed", || {
+        let v = cluster_state.view();
+        async move { v.nodes.iter().all(|n| n.sample.is_some() && n.healthy) }
+    })
+    .await;
+    let v = cluster_state.view();
+    assert_eq!(v.primary().map(|p| p.name.as_str()), Some("pg1"));
+    let primary = v.nodes[0].sample.clone().unwrap();
+    assert!(!primary.in_recovery && primary.current_lsn.is_some());
+    assert_eq!(primary.timeline, Some(1));
+    for replica in &v.nodes[1..] {
+        assert_eq!(replica.role, pgpilot::cluster::Role::Replica);
+        let s = replica.sample.clone().unwrap();
+        assert!(s.in_recovery && s.streaming, "{}: {s:?}", replica.name);
+        assert!(s.replay_lsn.is_some() && s.receive_lsn.is_some());
+        assert_eq!(s.timeline, Some(1));
+        assert_eq!(s.system_id, primary.system_id, "same cluster");
+        assert!(replica.lag_bytes.is_some());
+    }
+}

@@ -1,18 +1,23 @@
 //! Topology: the immutable `ClusterView` snapshot (behind `ArcSwap`) that every routing decision
 //! loads once, the probes that keep it current, and a `watch` channel for whoever must react.
 //!
-//! Elected primary: the node the probes report as not in recovery. When several claim to be
-//! primary, the one already elected keeps the role; otherwise the highest priority wins.
+//! Elected primary: a healthy node the probes report as not in recovery. When several claim to
+//! be primary, the one already elected keeps the role; otherwise the highest priority wins.
 
+mod lsn;
 mod probe;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+pub use lsn::Lsn;
+pub use probe::Sample;
 
 use crate::config::{ClusterConfig, NodeConfig};
 
@@ -42,8 +47,22 @@ pub struct NodeStatus {
     pub host: String,
     pub port: u16,
     pub priority: i32,
+    pub no_failover: bool,
     pub role: Role,
+    /// Flips only after `probe_failures` consecutive results the other way.
+    pub healthy: bool,
+    /// The latest successful probe.
+    pub sample: Option<Sample>,
+    /// Replay distance behind the elected primary's current WAL position.
+    pub lag_bytes: Option<u64>,
+    pub lag_seconds: Option<f64>,
     pub last_error: Option<String>,
+}
+
+impl NodeStatus {
+    pub fn replay_lsn(&self) -> Option<Lsn> {
+        self.sample.as_ref().and_then(|s| s.replay_lsn)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -60,22 +79,47 @@ impl ClusterView {
         self.primary.map(|i| &self.nodes[i])
     }
 
-    pub fn replicas(&self) -> impl Iterator<Item = &NodeStatus> {
-        self.nodes.iter().filter(|n| n.role == Role::Replica)
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.name == name)
     }
 
     fn elect(&mut self) {
-        let current = self
-            .primary
-            .filter(|&i| self.nodes[i].role == Role::Primary);
+        let claims = |n: &NodeStatus| n.healthy && n.role == Role::Primary;
+        let current = self.primary.filter(|&i| claims(&self.nodes[i]));
         let best = current.or_else(|| {
             (0..self.nodes.len())
-                .filter(|&i| self.nodes[i].role == Role::Primary)
+                .filter(|&i| claims(&self.nodes[i]))
                 .max_by_key(|&i| self.nodes[i].priority)
         });
         if best != self.primary {
             self.primary = best;
             self.epoch += 1;
+        }
+    }
+
+    fn compute_lag(&mut self) {
+        let head = self
+            .primary()
+            .and_then(|p| p.sample.as_ref())
+            .and_then(|s| s.current_lsn);
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or_default();
+        for node in &mut self.nodes {
+            let replay = node.replay_lsn();
+            node.lag_bytes = match (node.role, head, replay) {
+                (Role::Replica, Some(h), Some(r)) => Some(r.bytes_until(h)),
+                _ => None,
+            };
+            node.lag_seconds = match (
+                node.lag_bytes,
+                node.sample.as_ref().and_then(|s| s.replay_timestamp),
+            ) {
+                (Some(0), _) => Some(0.0),
+                (Some(_), Some(ts)) => Some((now - ts).max(0.0)),
+                _ => None,
+            };
         }
     }
 }
@@ -84,6 +128,12 @@ impl ClusterView {
 pub struct Cluster {
     view: ArcSwap<ClusterView>,
     changed: watch::Sender<u64>,
+}
+
+/// One probe outcome as the prober reports it, hysteresis already applied to `healthy`.
+pub struct Report {
+    pub result: Result<Sample, String>,
+    pub healthy: bool,
 }
 
 impl Cluster {
@@ -96,7 +146,12 @@ impl Cluster {
                     host: n.host.clone(),
                     port: n.port,
                     priority: n.priority,
+                    no_failover: n.no_failover,
                     role: Role::Unknown,
+                    healthy: false,
+                    sample: None,
+                    lag_bytes: None,
+                    lag_seconds: None,
                     last_error: None,
                 })
                 .collect(),
@@ -117,18 +172,33 @@ impl Cluster {
         self.changed.subscribe()
     }
 
-    /// Records a probe result for node `index` and republishes when anything changed.
-    pub fn report(&self, index: usize, role: Role, error: Option<String>) {
+    /// Records a probe report for node `index` and republishes the view.
+    pub fn report(&self, index: usize, report: Report) {
         let mut changed = false;
         self.view.rcu(|old| {
             let mut next = ClusterView::clone(old);
             if let Some(node) = next.nodes.get_mut(index) {
-                node.role = role;
-                node.last_error = error.clone();
+                node.healthy = report.healthy;
+                match &report.result {
+                    Ok(sample) => {
+                        node.role = if sample.in_recovery {
+                            Role::Replica
+                        } else {
+                            Role::Primary
+                        };
+                        node.sample = Some(sample.clone());
+                        node.last_error = None;
+                    }
+                    Err(e) => node.last_error = Some(e.clone()),
+                }
+                if !node.healthy {
+                    node.role = Role::Down;
+                }
             }
             next.elect();
-            changed = next.primary != old.primary
-                || next.nodes.get(index).map(|n| n.role) != old.nodes.get(index).map(|n| n.role);
+            next.compute_lag();
+            let role = |v: &ClusterView| v.nodes.get(index).map(|n| (n.role, n.healthy));
+            changed = next.primary != old.primary || role(&next) != role(old);
             next
         });
         if changed {
@@ -139,7 +209,7 @@ impl Cluster {
     /// Waits until an elected primary is known, up to `timeout`.
     pub async fn wait_for_primary(&self, timeout: Duration) -> Option<NodeStatus> {
         let mut rx = self.subscribe();
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = Instant::now() + timeout;
         loop {
             if let Some(p) = self.view().primary() {
                 return Some(p.clone());
@@ -167,33 +237,4 @@ impl Cluster {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn nodes() -> Vec<NodeConfig> {
-        (1..=3)
-            .map(|i| NodeConfig {
-                name: format!("pg{i}"),
-                host: "127.0.0.1".into(),
-                port: 5432,
-                priority: 100 - i,
-                no_failover: false,
-            })
-            .collect()
-    }
-
-    #[test]
-    fn elects_the_reported_primary_and_bumps_the_epoch() {
-        let c = Cluster::new(&nodes());
-        c.report(1, Role::Primary, None);
-        c.report(0, Role::Replica, None);
-        let v = c.view();
-        assert_eq!((v.primary, v.epoch), (Some(1), 1));
-        // A second claimant does not displace the elected primary.
-        c.report(0, Role::Primary, None);
-        assert_eq!(c.view().primary, Some(1));
-        c.report(1, Role::Down, Some("refused".into()));
-        let v = c.view();
-        assert_eq!((v.primary, v.epoch), (Some(0), 2));
-    }
-}
+mod tests;

@@ -151,6 +151,8 @@ pub struct ClusterConfig {
     pub probe_interval: Dur,
     /// Bound on one probe (connect + query); a hung server counts as a failed probe.
     pub probe_timeout: Dur,
+    /// Consecutive probe results needed to flip a node between healthy and unhealthy.
+    pub probe_failures: u32,
     pub failover: FailoverMode,
     pub failover_timeout: Dur,
     pub failover_wait_timeout: Dur,
@@ -167,6 +169,7 @@ impl Default for ClusterConfig {
         Self {
             probe_interval: Dur::ms(500),
             probe_timeout: Dur::secs(2),
+            probe_failures: 2,
             failover: FailoverMode::Auto,
             failover_timeout: Dur::secs(3),
             failover_wait_timeout: Dur::secs(30),
