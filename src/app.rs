@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -21,7 +21,8 @@ use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::net::{TlsSetupError, client_tls_acceptor, server_tls_connector};
 use crate::pool::Pools;
-use crate::router::ReplicaPicker;
+use crate::router::Load;
+use crate::router::classify::FunctionRules;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -42,7 +43,10 @@ pub struct Shared {
     pub tls_connector: Option<TlsConnector>,
     pub cluster: Arc<Cluster>,
     pub pools: Pools,
-    pub replicas: ReplicaPicker,
+    /// Requests in flight per node (index in the config's node order).
+    pub load: Load,
+    rules: ArcSwap<FunctionRules>,
+    pub next_client_id: AtomicU64,
     pub cancels: CancelRegistry,
     /// Connected clients, checked against `max_client_conn`.
     pub clients: AtomicUsize,
@@ -58,6 +62,10 @@ impl Shared {
     pub fn credentials(&self) -> Arc<Credentials> {
         self.credentials.load_full()
     }
+
+    pub fn rules(&self) -> Arc<FunctionRules> {
+        self.rules.load_full()
+    }
 }
 
 /// A bound, not yet serving proxy. Tests bind on port 0 and read `local_addr()`.
@@ -70,14 +78,14 @@ pub struct Proxy {
 impl Proxy {
     pub async fn bind(config: Config) -> Result<Self, AppError> {
         let addr = config.proxy.listen;
-        if config.proxy.pool_mode == crate::config::PoolMode::Transaction {
-            warn!(
-                "pool_mode = \"transaction\" is not implemented yet: clients get session pooling"
-            );
-        }
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| AppError::Bind { addr, source })?;
+        let rules = FunctionRules::new(
+            &config.cluster.write_functions,
+            &config.cluster.read_only_functions,
+        );
+        let nodes = config.nodes.len();
         let shared = Arc::new(Shared {
             tls_acceptor: client_tls_acceptor(&config.proxy)?,
             tls_connector: server_tls_connector(&config.proxy)?,
@@ -85,7 +93,9 @@ impl Proxy {
             credentials: ArcSwap::from_pointee(Credentials::from_config(&config)),
             config: ArcSwap::from_pointee(config),
             pools: Pools::default(),
-            replicas: ReplicaPicker::default(),
+            load: Load::new(nodes),
+            rules: ArcSwap::from_pointee(rules),
+            next_client_id: AtomicU64::new(1),
             cancels: CancelRegistry::default(),
             clients: AtomicUsize::new(0),
             shutdown: CancellationToken::new(),

@@ -26,7 +26,7 @@ pub fn config_for(
     listen_port: u16,
 ) -> Result<Config, crate::config::ConfigError> {
     let mut text = format!(
-        "[proxy]\nlisten = \"127.0.0.1:{listen_port}\"\npool_mode = \"session\"\n\
+        "[proxy]\nlisten = \"127.0.0.1:{listen_port}\"\n\
          [cluster]\nmonitor_user = \"postgres\"\nmonitor_password = \"{}\"\n\
          [[users]]\nname = \"{DEMO_USER}\"\npassword = \"{DEMO_PASSWORD}\"\n\
          [[databases]]\nname = \"{DEMO_DATABASE}\"\n",

@@ -12,6 +12,8 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
+use crate::client::prepared::ServerStatements;
+use crate::client::settings::Settings;
 use crate::net::{MaybeTls, ServerStream, idle_socket_is_dead, server_name};
 use crate::protocol::backend::{
     self, ErrorFields, ReadyForQuery, TxStatus, parse_backend_key, parse_parameter_status,
@@ -81,6 +83,10 @@ pub struct ServerConn {
     pub(crate) stream: ServerStream,
     pub(crate) buf: BytesMut,
     pub(crate) params: Vec<(String, String)>,
+    /// Prepared statements this connection holds (transaction pooling).
+    pub(crate) statements: ServerStatements,
+    /// Session settings clients have applied on this connection.
+    pub(crate) applied: Settings,
     pub key: BackendKey,
     pub host: String,
     pub port: u16,
@@ -107,6 +113,8 @@ impl ServerConn {
             stream,
             buf: BytesMut::with_capacity(8192),
             params: Vec::new(),
+            statements: ServerStatements::default(),
+            applied: Settings::default(),
             key: BackendKey { pid: 0, secret: 0 },
             host: p.host.clone(),
             port: p.port,
@@ -288,6 +296,29 @@ impl ServerConn {
                 }
                 _ => {}
             }
+        }
+    }
+
+    /// Brings the session in line with `wanted`, with one round trip when they differ.
+    pub async fn apply_settings(&mut self, wanted: &Settings) -> Result<(), ServerError> {
+        let Some(sql) = wanted.diff_from(&self.applied) else {
+            return Ok(());
+        };
+        match self.simple_query(&sql).await {
+            Ok(TxStatus::Idle) => {
+                self.applied = wanted.clone();
+                Ok(())
+            }
+            Ok(_) => Err(ProtocolError::Malformed("settings left a transaction open").into()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Forgets session state after `DISCARD ALL` (or `RESET ALL` for settings only).
+    pub fn forget_session_state(&mut self, statements: bool) {
+        self.applied = Settings::default();
+        if statements {
+            self.statements = ServerStatements::default();
         }
     }
 

@@ -21,6 +21,13 @@ fn fixture() -> &'static (TestCerts, DevCluster) {
             ..DevClusterOptions::default()
         };
         let cluster = start_cluster(opts);
+        cluster
+            .psql(
+                0,
+                DEMO_DATABASE,
+                "CREATE TABLE shutdown_log (owner text); GRANT ALL ON shutdown_log TO app",
+            )
+            .expect("shutdown_log table");
         (certs, cluster)
     })
 }
@@ -105,10 +112,12 @@ async fn query_wait_timeout_when_the_pool_is_exhausted() {
     let proxy = start_proxy(config(cluster, |c| {
         c.proxy.pool_size = 1;
         c.proxy.query_wait_timeout = Dur::ms(300);
+        c.databases[0].routing = pgpilot::config::Routing::Primary;
     }))
     .await;
     let first = proxy.connect().await;
-    // The only server connection is held by `first` for its session.
+    // The only server connection is held by `first` for its open transaction.
+    first.batch_execute("BEGIN").await.unwrap();
     let err = proxy
         .try_connect(DEMO_USER, DEMO_PASSWORD, DEMO_DATABASE)
         .await
@@ -164,7 +173,7 @@ async fn graceful_shutdown_lets_transactions_finish() {
     let info = proxy.conninfo(DEMO_USER, DEMO_PASSWORD, DEMO_DATABASE);
     let (busy, _busy_conn) = connect_watched(&info).await;
     let (idle, idle_conn) = connect_watched(&info).await;
-    busy.batch_execute("BEGIN; INSERT INTO accounts (owner) VALUES ('graceful')")
+    busy.batch_execute("BEGIN; INSERT INTO shutdown_log VALUES ('graceful')")
         .await
         .unwrap();
 
@@ -194,7 +203,7 @@ async fn graceful_shutdown_lets_transactions_finish() {
         .psql(
             0,
             DEMO_DATABASE,
-            "SELECT count(*) FROM accounts WHERE owner = 'graceful'",
+            "SELECT count(*) FROM shutdown_log WHERE owner = 'graceful'",
         )
         .unwrap();
     assert_eq!(n, "1");
@@ -207,7 +216,7 @@ async fn shutdown_grace_period_ends_stuck_transactions() {
     let info = proxy.conninfo(DEMO_USER, DEMO_PASSWORD, DEMO_DATABASE);
     let (stuck, stuck_conn) = connect_watched(&info).await;
     stuck
-        .batch_execute("BEGIN; INSERT INTO accounts (owner) VALUES ('stuck')")
+        .batch_execute("BEGIN; INSERT INTO shutdown_log VALUES ('stuck')")
         .await
         .unwrap();
     proxy.stop.cancel();
@@ -230,7 +239,7 @@ async fn shutdown_grace_period_ends_stuck_transactions() {
         .psql(
             0,
             DEMO_DATABASE,
-            "SELECT count(*) FROM accounts WHERE owner = 'stuck'",
+            "SELECT count(*) FROM shutdown_log WHERE owner = 'stuck'",
         )
         .unwrap();
     assert_eq!(n, "0", "the unfinished transaction was rolled back");

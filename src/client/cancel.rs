@@ -2,6 +2,7 @@
 //! a CancelRequest arriving on a new connection reaches the right backend.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use parking_lot::Mutex;
 
@@ -14,14 +15,20 @@ pub struct CancelTarget {
     pub key: BackendKey,
 }
 
+/// The server a client is using right now; the client task updates it as it borrows and
+/// returns connections, without touching the shared map.
+pub type CancelSlot = Arc<Mutex<Option<CancelTarget>>>;
+
 #[derive(Default)]
 pub struct CancelRegistry {
-    map: Mutex<HashMap<BackendKey, CancelTarget>>,
+    map: Mutex<HashMap<BackendKey, CancelSlot>>,
 }
 
 impl CancelRegistry {
-    pub fn register(&self, client_key: BackendKey, target: CancelTarget) {
-        self.map.lock().insert(client_key, target);
+    pub fn register(&self, client_key: BackendKey) -> CancelSlot {
+        let slot = CancelSlot::default();
+        self.map.lock().insert(client_key, slot.clone());
+        slot
     }
 
     pub fn unregister(&self, client_key: BackendKey) {
@@ -29,6 +36,7 @@ impl CancelRegistry {
     }
 
     pub fn lookup(&self, client_key: BackendKey) -> Option<CancelTarget> {
-        self.map.lock().get(&client_key).cloned()
+        let slot = self.map.lock().get(&client_key).cloned()?;
+        slot.lock().clone()
     }
 }

@@ -1,10 +1,15 @@
 //! One task per client connection: startup negotiation (SSLRequest, GSSENCRequest,
 //! CancelRequest, StartupMessage), authentication, picking a pool, and the session itself.
 
+mod busy;
 pub mod cancel;
 mod error;
+pub mod prepared;
 mod relay;
+pub mod settings;
 mod startup;
+mod txn;
+mod unit;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,15 +23,17 @@ use tracing::{Instrument, debug, info_span, warn};
 pub use error::ClientError;
 
 use crate::app::Shared;
-use crate::config::{PoolMode, is_admin_database};
+use crate::cluster::NodeStatus;
+use crate::config::{Config, DatabaseConfig, PoolMode, Routing, is_admin_database};
 use crate::pool::{PoolKey, PoolSettings, PooledConn};
 use crate::protocol::MessageReader;
 use crate::protocol::backend::{self, TxStatus};
-use crate::protocol::startup::StartupParams;
-use crate::router::{Target, session_target};
+use crate::protocol::startup::{BackendKey, StartupParams};
+use crate::router::Target;
 use crate::server::ConnectParams;
 use cancel::CancelTarget;
 use relay::End;
+use settings::Settings;
 
 /// Serves one accepted connection to completion.
 pub async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
@@ -97,15 +104,52 @@ where
     let db = config
         .database(database)
         .ok_or_else(|| ClientError::UnknownDatabase(database.to_owned()))?;
-    if config.proxy.pool_mode != PoolMode::Session {
-        debug!("transaction pooling is not available yet; serving the client in session mode");
+    let startup = Settings::from_pairs(
+        params
+            .params
+            .iter()
+            .filter(|(k, _)| !is_connection_param(k))
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .chain(
+                parse_options(params.get("options").unwrap_or_default())
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str())),
+            )
+            .collect::<Vec<_>>(),
+    );
+    match config.proxy.pool_mode {
+        PoolMode::Session => session_mode(reader, wr, shared, &config, db, user, &startup).await,
+        PoolMode::Transaction => {
+            transaction_mode(reader, wr, shared, &config, db, user, startup).await
+        }
     }
+}
 
-    let mut pooled = checkout(shared, session_target(db.routing), database, user).await?;
-    apply_startup_params(&mut pooled, params).await?;
+/// Session pooling: one server connection for the whole session, relayed as is. The client
+/// sees that server's own BackendKeyData and ParameterStatus.
+async fn session_mode<R, W>(
+    reader: &mut MessageReader<R>,
+    wr: &mut W,
+    shared: &Arc<Shared>,
+    config: &Arc<Config>,
+    db: &DatabaseConfig,
+    user: &str,
+    startup: &Settings,
+) -> Result<(), ClientError>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let target = if db.routing == Routing::Replica {
+        Target::Replica
+    } else {
+        Target::Primary
+    };
+    let mut pooled = checkout(shared, config, target, &db.name, user).await?;
+    apply_settings(&mut pooled, startup).await?;
     let conn = pooled.conn();
     let key = conn.key;
-    out.clear();
+    let mut out = BytesMut::new();
     for (k, v) in conn.params() {
         backend::parameter_status(&mut out, k, v);
     }
@@ -114,14 +158,12 @@ where
     wr.write_all(&out)
         .await
         .map_err(crate::protocol::ProtocolError::Io)?;
-    shared.cancels.register(
+    let slot = shared.cancels.register(key);
+    *slot.lock() = Some(CancelTarget {
+        host: conn.host.clone(),
+        port: conn.port,
         key,
-        CancelTarget {
-            host: conn.host.clone(),
-            port: conn.port,
-            key,
-        },
-    );
+    });
 
     let outcome = relay::relay(
         reader,
@@ -146,39 +188,85 @@ where
     }
 }
 
-/// Picks the node for `target` and borrows a connection from its pool.
-async fn checkout(
+/// Transaction pooling: the client holds a server connection only while it needs one. Its
+/// ParameterStatus values come from a connection set up with its startup parameters; its
+/// BackendKeyData is the proxy's own, mapped to whichever server serves it at the moment.
+async fn transaction_mode<R, W>(
+    reader: &mut MessageReader<R>,
+    wr: &mut W,
     shared: &Arc<Shared>,
-    target: Target,
+    config: &Arc<Config>,
+    db: &DatabaseConfig,
+    user: &str,
+    startup: Settings,
+) -> Result<(), ClientError>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let target = if db.routing == Routing::Replica {
+        Target::Replica
+    } else {
+        Target::Primary
+    };
+    let mut pooled = checkout(shared, config, target, &db.name, user).await?;
+    apply_settings(&mut pooled, &startup).await?;
+    let mut out = BytesMut::new();
+    for (k, v) in pooled.conn().params() {
+        backend::parameter_status(&mut out, k, v);
+    }
+    pooled.give_back();
+    let key = BackendKey {
+        pid: rand::random::<i32>() & i32::MAX,
+        secret: rand::random(),
+    };
+    backend::backend_key_data(&mut out, key);
+    backend::ready_for_query(&mut out, TxStatus::Idle);
+    wr.write_all(&out)
+        .await
+        .map_err(crate::protocol::ProtocolError::Io)?;
+    let cancel = shared.cancels.register(key);
+    let client_id = shared.next_client_id.fetch_add(1, Ordering::Relaxed);
+    let mut txn = txn::Txn {
+        shared,
+        config: config.clone(),
+        rules: shared.rules(),
+        reader,
+        writer: wr,
+        database: &db.name,
+        user,
+        routing: db.routing,
+        statements: prepared::ClientStatements::new(client_id),
+        settings: startup.clone(),
+        startup_settings: startup,
+        route_setting: crate::router::classify::Route::Auto,
+        session_read_only: false,
+        last_write: None,
+        failed_tx: false,
+        discard_until_sync: false,
+        status: TxStatus::Idle,
+        pinned: false,
+        cancel,
+    };
+    let result = txn.run().await;
+    shared.cancels.unregister(key);
+    result
+}
+
+/// The pool for (node, database, user), created on first use.
+pub(crate) fn pool_for(
+    shared: &Shared,
+    config: &Config,
+    node: &NodeStatus,
     database: &str,
     user: &str,
-) -> Result<PooledConn, ClientError> {
-    let config = shared.config();
-    let wait = config.proxy.query_wait_timeout.0;
-    // Without an elected primary (startup, or between a crash and a promotion) clients wait
-    // for one rather than fail.
-    let primary_wait = config.cluster.failover_wait_timeout.0;
-    let node = match target {
-        Target::Replica => match shared.replicas.pick(&shared.cluster.view()) {
-            Some(n) => n.clone(),
-            None => shared
-                .cluster
-                .wait_for_primary(primary_wait)
-                .await
-                .ok_or(ClientError::NoNode("replica or primary"))?,
-        },
-        Target::Primary => shared
-            .cluster
-            .wait_for_primary(primary_wait)
-            .await
-            .ok_or(ClientError::NoNode("primary"))?,
-    };
+) -> Arc<crate::pool::Pool> {
     let key = PoolKey {
         node: node.name.as_str().into(),
         database: database.into(),
         user: user.into(),
     };
-    let pool = shared.pools.get_or_create(key, || {
+    shared.pools.get_or_create(key, || {
         let password = config
             .user(user)
             .and_then(|u| u.backend_password())
@@ -203,52 +291,52 @@ async fn checkout(
             lifetime: config.proxy.server_lifetime.0,
         };
         (connect, settings)
-    });
+    })
+}
+
+/// Picks the node for a whole session (or the startup handshake) and borrows a connection.
+async fn checkout(
+    shared: &Arc<Shared>,
+    config: &Config,
+    target: Target,
+    database: &str,
+    user: &str,
+) -> Result<PooledConn, ClientError> {
+    let wait = config.proxy.query_wait_timeout.0;
+    // Without an elected primary (startup, or between a crash and a promotion) clients wait
+    // for one rather than fail.
+    let primary_wait = config.cluster.failover_wait_timeout.0;
+    let view = shared.cluster.view();
+    let replica = (target == Target::Replica)
+        .then(|| crate::router::pick_replica(&view, &config.cluster, &shared.load, None, &[]))
+        .flatten()
+        .map(|i| view.nodes[i].clone());
+    let node = match replica {
+        Some(n) => n,
+        None => shared
+            .cluster
+            .wait_for_primary(primary_wait)
+            .await
+            .ok_or(ClientError::NoNode("primary"))?,
+    };
+    let pool = pool_for(shared, config, &node, database, user);
     Ok(pool.checkout(wait).await?)
 }
 
-/// Startup parameters the proxy handles itself rather than setting on the server.
-fn is_connection_param(name: &str) -> bool {
-    matches!(name, "user" | "database" | "replication" | "options") || name.starts_with("_pq_.")
-}
-
-/// Makes the borrowed server session match what the client asked for at startup.
-async fn apply_startup_params(
-    pooled: &mut PooledConn,
-    params: &StartupParams,
-) -> Result<(), ClientError> {
-    let conn = pooled.conn();
-    let mut sql = String::new();
-    let mut set = |name: &str, value: &str| {
-        if conn.param(name) != Some(value) {
-            sql.push_str(&format!(
-                "SET \"{}\" = '{}';",
-                name.replace('"', "\"\""),
-                value.replace('\'', "''")
-            ));
-        }
-    };
-    for (name, value) in &params.params {
-        if !is_connection_param(name) {
-            set(name, value);
-        }
-    }
-    for (name, value) in parse_options(params.get("options").unwrap_or_default()) {
-        set(&name, &value);
-    }
-    if sql.is_empty() {
-        return Ok(());
-    }
-    match conn.simple_query(&sql).await {
-        Ok(TxStatus::Idle) => Ok(()),
-        Ok(_) => Err(ClientError::ServerLost(
-            "startup parameters left a transaction open".into(),
-        )),
+/// Makes a borrowed connection's session match the client's startup parameters.
+async fn apply_settings(pooled: &mut PooledConn, settings: &Settings) -> Result<(), ClientError> {
+    match pooled.conn().apply_settings(settings).await {
+        Ok(()) => Ok(()),
         Err(crate::server::ServerError::Rejected(fields)) => Err(ClientError::Pool(
             crate::pool::PoolError::Connect(crate::server::ServerError::Rejected(fields)),
         )),
         Err(e) => Err(ClientError::ServerLost(e.to_string())),
     }
+}
+
+/// Startup parameters the proxy handles itself rather than setting on the server.
+fn is_connection_param(name: &str) -> bool {
+    matches!(name, "user" | "database" | "replication" | "options") || name.starts_with("_pq_.")
 }
 
 /// `options` startup parameter: `-c name=value` and `--name=value` settings.

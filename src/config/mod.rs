@@ -96,6 +96,8 @@ pub struct ProxyConfig {
     pub max_message_size: ByteSize,
     /// How clients prove who they are.
     pub auth_type: AuthType,
+    /// Prepared statements kept per server connection (LRU, closed on eviction).
+    pub max_prepared_statements: usize,
     /// How long a graceful shutdown lets open transactions finish before `57P01`.
     pub shutdown_timeout: Dur,
     pub client_tls_mode: ClientTlsMode,
@@ -112,7 +114,7 @@ impl Default for ProxyConfig {
             admin_users: vec!["admin".into()],
             stats_users: Vec::new(),
             max_client_conn: 10_000,
-            pool_mode: PoolMode::Session,
+            pool_mode: PoolMode::Transaction,
             pool_size: 20,
             min_pool_size: 0,
             query_wait_timeout: Dur::secs(30),
@@ -121,6 +123,7 @@ impl Default for ProxyConfig {
             server_connect_timeout: Dur::secs(5),
             max_message_size: ByteSize(64 << 20),
             auth_type: AuthType::ScramSha256,
+            max_prepared_statements: 200,
             shutdown_timeout: Dur::secs(30),
             client_tls_mode: ClientTlsMode::Disable,
             client_tls_cert: None,
@@ -145,6 +148,20 @@ pub enum FailoverMode {
     Off,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicaFallback {
+    Primary,
+    Error,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadYourWrites {
+    Lsn,
+    Off,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterConfig {
@@ -157,7 +174,18 @@ pub struct ClusterConfig {
     pub failover_timeout: Dur,
     pub failover_wait_timeout: Dur,
     pub max_failover_lag: ByteSize,
+    /// Replicas further behind the primary than this get no reads.
     pub max_replica_lag: ByteSize,
+    /// Replicas whose last replayed transaction is older than this (while behind) get no reads.
+    pub max_replica_lag_time: Dur,
+    /// What a read does when no replica is eligible: go to the primary, or fail.
+    pub replica_fallback: ReplicaFallback,
+    /// `lsn`: a client's reads after its own write only go to replicas that replayed it.
+    pub read_your_writes: ReadYourWrites,
+    /// Functions that make a statement a write, beyond the built-in list.
+    pub write_functions: Vec<String>,
+    /// Functions removed from the write list.
+    pub read_only_functions: Vec<String>,
     pub monitor_user: String,
     pub monitor_password: Option<String>,
     /// The database probes connect to.
@@ -175,6 +203,11 @@ impl Default for ClusterConfig {
             failover_wait_timeout: Dur::secs(30),
             max_failover_lag: ByteSize(16 << 20),
             max_replica_lag: ByteSize(1 << 20),
+            max_replica_lag_time: Dur::secs(30),
+            replica_fallback: ReplicaFallback::Primary,
+            read_your_writes: ReadYourWrites::Lsn,
+            write_functions: Vec::new(),
+            read_only_functions: Vec::new(),
             monitor_user: "postgres".into(),
             monitor_password: None,
             monitor_database: "postgres".into(),
@@ -245,7 +278,7 @@ pub struct DatabaseConfig {
 }
 
 fn default_routing() -> Routing {
-    Routing::Primary
+    Routing::Auto
 }
 
 impl Config {

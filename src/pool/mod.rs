@@ -124,8 +124,19 @@ impl PooledConn {
             return;
         };
         match conn.simple_query("DISCARD ALL").await {
-            Ok(TxStatus::Idle) => self.pool.check_in(conn),
+            Ok(TxStatus::Idle) => {
+                conn.forget_session_state(true);
+                self.pool.check_in(conn);
+            }
             _ => conn.close().await,
+        }
+    }
+
+    /// Returns an idle connection as it is (transaction pooling: its settings and prepared
+    /// statements are tracked, not reset).
+    pub fn give_back(mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.pool.check_in(conn);
         }
     }
 

@@ -1,0 +1,229 @@
+use super::*;
+
+fn frame(tag: u8, f: impl FnOnce(&mut BytesMut)) -> Frame {
+    let mut b = BytesMut::new();
+    write_message(&mut b, tag, f);
+    Frame::from_raw(b).unwrap()
+}
+
+fn parse(name: &str, sql: &str) -> Frame {
+    frame(b'P', |b| {
+        put_cstr(b, name);
+        put_cstr(b, sql);
+        b.put_i16(0);
+    })
+}
+
+fn bind(statement: &str) -> Frame {
+    frame(b'B', |b| {
+        put_cstr(b, "");
+        put_cstr(b, statement);
+        b.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    })
+}
+
+fn tags(mut out: BytesMut) -> Vec<(u8, String)> {
+    use tokio_util::codec::Decoder;
+    let mut codec = crate::protocol::FrameCodec::new(1 << 20);
+    let mut v = Vec::new();
+    while let Some(f) = codec.decode(&mut out).unwrap() {
+        let name = match f.tag {
+            b'P' => parse_view(&f).unwrap().name.to_owned(),
+            b'B' => bind_view(&f).unwrap().1.to_owned(),
+            b'C' | b'D' => target_view(&f).unwrap().1.to_owned(),
+            _ => String::new(),
+        };
+        v.push((f.tag, name));
+    }
+    v
+}
+
+struct Conn {
+    server: ServerStatements,
+    expect: VecDeque<Expect>,
+}
+
+fn send(
+    client: &mut ClientStatements,
+    conn: &mut Conn,
+    frames: Vec<Frame>,
+    max: usize,
+) -> Vec<(u8, String)> {
+    let rules = FunctionRules::default();
+    let mut out = BytesMut::new();
+    let mut rw = Rewriter {
+        client,
+        server: &mut conn.server,
+        expect: &mut conn.expect,
+        rules: &rules,
+        max_prepared: max,
+    };
+    for f in frames {
+        rw.push(f, &mut out).unwrap();
+    }
+    tags(out)
+}
+
+fn conn() -> Conn {
+    Conn {
+        server: ServerStatements::default(),
+        expect: VecDeque::new(),
+    }
+}
+
+#[test]
+fn named_statements_are_renamed_and_reparsed_on_another_connection() {
+    let mut client = ClientStatements::new(7);
+    let (mut a, mut b) = (conn(), conn());
+    let sent = send(
+        &mut client,
+        &mut a,
+        vec![parse("s1", "SELECT 1"), frame(b'S', |_| {})],
+        10,
+    );
+    let sn = sent[0].1.clone();
+    assert!(sn.starts_with("pgp7_"), "{sn}");
+    assert_eq!(sent, [(b'P', sn.clone()), (b'S', String::new())]);
+    // The server answers ParseComplete and ReadyForQuery: both forwarded.
+    assert_eq!(
+        on_response(b'1', &mut a.expect, &mut a.server),
+        Disposition::Forward
+    );
+    assert_eq!(
+        on_response(b'Z', &mut a.expect, &mut a.server),
+        Disposition::Forward
+    );
+
+    // Same connection: no re-parse.
+    let sent = send(
+        &mut client,
+        &mut a,
+        vec![bind("s1"), frame(b'S', |_| {})],
+        10,
+    );
+    assert_eq!(sent, [(b'B', sn.clone()), (b'S', String::new())]);
+
+    // Another connection: the Parse is injected and its ParseComplete swallowed.
+    let sent = send(
+        &mut client,
+        &mut b,
+        vec![bind("s1"), frame(b'S', |_| {})],
+        10,
+    );
+    assert_eq!(
+        sent,
+        [
+            (b'P', sn.clone()),
+            (b'B', sn.clone()),
+            (b'S', String::new())
+        ]
+    );
+    assert_eq!(
+        on_response(b'1', &mut b.expect, &mut b.server),
+        Disposition::Swallow
+    );
+    assert_eq!(
+        on_response(b'2', &mut b.expect, &mut b.server),
+        Disposition::Forward
+    );
+}
+
+#[test]
+fn describe_and_close_follow_the_statement() {
+    let mut client = ClientStatements::new(1);
+    let (mut a, mut b) = (conn(), conn());
+    let sn = send(&mut client, &mut a, vec![parse("q", "SELECT 2")], 10)[0]
+        .1
+        .clone();
+    let describe = frame(b'D', |b| {
+        b.put_u8(b'S');
+        put_cstr(b, "q");
+    });
+    let sent = send(&mut client, &mut b, vec![describe], 10);
+    assert_eq!(sent, [(b'P', sn.clone()), (b'D', sn.clone())]);
+    let close = frame(b'C', |b| {
+        b.put_u8(b'S');
+        put_cstr(b, "q");
+    });
+    let sent = send(&mut client, &mut b, vec![close], 10);
+    assert_eq!(sent, [(b'C', sn)]);
+    assert!(client.get("q").is_none());
+}
+
+#[test]
+fn lru_evicts_with_close_and_swallows_it() {
+    let mut client = ClientStatements::new(1);
+    let mut a = conn();
+    send(
+        &mut client,
+        &mut a,
+        vec![parse("a", "SELECT 1"), parse("b", "SELECT 2")],
+        2,
+    );
+    let sent = send(&mut client, &mut a, vec![parse("c", "SELECT 3")], 2);
+    assert_eq!(sent.len(), 2);
+    assert_eq!(sent[0].0, b'C', "the oldest statement is closed first");
+    assert_eq!(a.server.len(), 2);
+    a.expect.clear();
+    a.expect.push_back(Expect::Close {
+        injected: true,
+        name: None,
+    });
+    assert_eq!(
+        on_response(b'3', &mut a.expect, &mut a.server),
+        Disposition::Swallow
+    );
+}
+
+#[test]
+fn unnamed_statement_is_reparsed_when_it_ran_elsewhere() {
+    let mut client = ClientStatements::new(3);
+    let (mut a, mut b) = (conn(), conn());
+    let sent = send(
+        &mut client,
+        &mut a,
+        vec![parse("", "SELECT 1"), frame(b'S', |_| {})],
+        10,
+    );
+    assert_eq!(sent[0], (b'P', String::new()));
+    let sent = send(&mut client, &mut b, vec![bind(""), frame(b'S', |_| {})], 10);
+    assert_eq!(sent[..2], [(b'P', String::new()), (b'B', String::new())]);
+    // A simple query on `a` destroyed its unnamed statement.
+    let q = frame(b'Q', |b| put_cstr(b, "SELECT 1"));
+    send(&mut client, &mut a, vec![q], 10);
+    let sent = send(&mut client, &mut a, vec![bind("")], 10);
+    assert_eq!(sent[0], (b'P', String::new()));
+}
+
+#[test]
+fn an_error_undoes_skipped_parses() {
+    let mut client = ClientStatements::new(1);
+    let mut a = conn();
+    send(
+        &mut client,
+        &mut a,
+        vec![parse("bad", "SELEC 1"), frame(b'S', |_| {})],
+        10,
+    );
+    assert_eq!(a.server.len(), 1);
+    on_response(b'E', &mut a.expect, &mut a.server);
+    assert_eq!(
+        a.server.len(),
+        0,
+        "the failed statement is not on the server"
+    );
+    on_response(b'Z', &mut a.expect, &mut a.server);
+    assert!(a.expect.is_empty());
+}
+
+#[test]
+fn classes() {
+    let rules = FunctionRules::default();
+    assert!(StatementClass::of("SELECT 1", &rules).read_only);
+    assert!(StatementClass::of("rollback", &rules).ends_tx);
+    assert!(!StatementClass::of("ROLLBACK; SELECT 1", &rules).ends_tx);
+    assert_eq!(
+        StatementClass::of("BEGIN READ ONLY", &rules).begin,
+        Some(true)
+    );
+}

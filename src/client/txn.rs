@@ -1,0 +1,472 @@
+//! Transaction pooling with per-request routing. Between transactions the client holds no
+//! server connection; each request is classified, routed (primary or a replica), served on a
+//! borrowed connection until ReadyForQuery says idle, and the connection goes back. The proxy
+//! answers a few things itself: `SET pgpilot.route`, a lone Sync, `DEALLOCATE`, `DISCARD ALL`,
+//! and everything inside a transaction whose server was lost (until ROLLBACK).
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use parking_lot::Mutex;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+
+use super::cancel::CancelTarget;
+use super::prepared::ClientStatements;
+use super::settings::Settings;
+use super::unit::{Change, Unit, meaning};
+use super::{ClientError, busy};
+use crate::app::Shared;
+use crate::config::{Config, ReplicaFallback, Routing};
+use crate::pool::PooledConn;
+use crate::protocol::backend::{self, Severity, TxStatus};
+use crate::protocol::frontend;
+use crate::protocol::{MessageReader, ProtocolError, sqlstate};
+use crate::router::classify::{FunctionRules, Route};
+use crate::router::{ClientRoute, LoadGuard, Target, decide, pick_replica, primary_wait};
+
+/// A borrowed server connection and what it is.
+pub(super) struct Held<'s> {
+    pub conn: PooledConn,
+    pub on_replica: bool,
+    pub _load: LoadGuard<'s>,
+}
+
+pub(super) struct Txn<'a, R, W> {
+    pub shared: &'a Shared,
+    pub config: Arc<Config>,
+    pub rules: Arc<FunctionRules>,
+    pub reader: &'a mut MessageReader<R>,
+    pub writer: &'a mut W,
+    pub database: &'a str,
+    pub user: &'a str,
+    pub routing: Routing,
+    pub statements: ClientStatements,
+    pub startup_settings: Settings,
+    pub settings: Settings,
+    pub route_setting: Route,
+    pub session_read_only: bool,
+    /// When this client last committed a write (read-your-writes).
+    pub last_write: Option<Instant>,
+    /// The server of an open transaction was lost: answer until the client rolls back.
+    pub failed_tx: bool,
+    /// Extended-protocol messages are discarded up to the next Sync after an error.
+    pub discard_until_sync: bool,
+    pub status: TxStatus,
+    pub pinned: bool,
+    pub cancel: Arc<Mutex<Option<CancelTarget>>>,
+}
+
+/// How serving on one borrowed connection ended.
+pub(super) enum BusyEnd {
+    Released,
+    /// Idle again; this next request needs its own routing.
+    Deferred(Unit),
+    /// The server failed before anything reached the client: try elsewhere.
+    Retry(Unit),
+    /// The server failed mid-request; `readies` answers are still owed to the client.
+    Lost {
+        why: String,
+        readies: usize,
+        in_tx: bool,
+    },
+    ClientGone,
+    Protocol(ProtocolError),
+    Shutdown,
+}
+
+impl<'a, R, W> Txn<'a, R, W>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    pub async fn run(&mut self) -> Result<(), ClientError> {
+        let mut next: Option<Unit> = None;
+        loop {
+            let unit = match next.take() {
+                Some(u) => u,
+                None => match self.read_unit().await? {
+                    Some(u) => u,
+                    None => return Ok(()),
+                },
+            };
+            if let Some(following) = self.serve(unit).await? {
+                next = Some(following);
+            }
+        }
+    }
+
+    /// Serves one request; returns a request that arrived meanwhile and needs its own routing.
+    async fn serve(&mut self, unit: Unit) -> Result<Option<Unit>, ClientError> {
+        let m = meaning(&unit, &self.statements, &self.rules);
+        if self.answer_locally(&unit, &m).await? {
+            return Ok(None);
+        }
+        let client = ClientRoute {
+            database: self.routing,
+            setting: self.route_setting,
+            session_read_only: self.session_read_only,
+        };
+        let target = if self.pinned {
+            Target::Primary
+        } else {
+            decide(&m.intent, &client)
+        };
+        let retryable = target == Target::Replica && m.intent.read_only && m.intent.begin.is_none();
+        let mut exclude = Vec::new();
+        let mut unit = unit;
+        loop {
+            let (node, on_replica) = match self.choose(target, &exclude).await {
+                Ok(n) => n,
+                Err(e) => {
+                    self.fail_request(&e, unit.readies()).await?;
+                    return Ok(None);
+                }
+            };
+            let held = match self.checkout(node, on_replica).await {
+                Ok(h) => h,
+                Err(_) if retryable && exclude.len() < 2 => {
+                    exclude.push(node);
+                    continue;
+                }
+                Err(e) => {
+                    self.fail_request(&e, unit.readies()).await?;
+                    return Ok(None);
+                }
+            };
+            let may_retry = retryable && exclude.len() < 2;
+            match busy::serve(self, held, unit, may_retry, &m).await {
+                BusyEnd::Released => return Ok(None),
+                BusyEnd::Deferred(u) => return Ok(Some(u)),
+                BusyEnd::Retry(u) => {
+                    exclude.push(node);
+                    unit = u;
+                }
+                BusyEnd::Lost {
+                    why,
+                    readies,
+                    in_tx,
+                } => {
+                    self.report_lost(&why, readies, in_tx).await?;
+                    return Ok(None);
+                }
+                BusyEnd::ClientGone => return Err(ProtocolError::Closed.into()),
+                BusyEnd::Protocol(e) => return Err(e.into()),
+                BusyEnd::Shutdown => return Err(ClientError::Shutdown),
+            }
+        }
+    }
+
+    /// Reads the next request; `None` when the client terminates.
+    async fn read_unit(&mut self) -> Result<Option<Unit>, ClientError> {
+        let mut unit = Unit::default();
+        loop {
+            let frame = tokio::select! {
+                biased;
+                _ = self.shared.shutdown.cancelled(), if unit.frames.is_empty() => {
+                    return Err(ClientError::Shutdown);
+                }
+                f = self.reader.next() => match f? {
+                    Some(f) => f,
+                    None => return Ok(None),
+                },
+            };
+            match frame.tag {
+                frontend::TERMINATE => return Ok(None),
+                // CopyData/CopyDone/CopyFail outside COPY are ignored, as PostgreSQL does.
+                frontend::COPY_DATA | frontend::COPY_DONE | frontend::COPY_FAIL => continue,
+                tag if !frontend::is_session_tag(tag) => {
+                    return Err(ProtocolError::Unexpected {
+                        tag,
+                        context: "from client",
+                    }
+                    .into());
+                }
+                frontend::SYNC if self.discard_until_sync => {
+                    self.discard_until_sync = false;
+                    self.ready().await?;
+                    continue;
+                }
+                _ if self.discard_until_sync => continue,
+                _ => {}
+            }
+            if unit.push(frame) {
+                return Ok(Some(unit));
+            }
+        }
+    }
+
+    /// Requests the proxy answers itself. Returns true when answered.
+    async fn answer_locally(
+        &mut self,
+        unit: &Unit,
+        m: &super::unit::Meaning,
+    ) -> Result<bool, ClientError> {
+        let mut out = BytesMut::new();
+        if self.failed_tx {
+            if m.ends_tx_only {
+                self.failed_tx = false;
+                self.status = TxStatus::Idle;
+                synthesize_ok(unit, "ROLLBACK", &mut out);
+            } else {
+                let msg = "current transaction is aborted, commands ignored until end of transaction block";
+                self.error_then_ready(&mut out, "25P02", msg, unit);
+            }
+            return self.send(&out).await.map(|_| true);
+        }
+        if unit.is_sync_only() {
+            for f in &unit.frames {
+                if f.tag == frontend::SYNC {
+                    backend::ready_for_query(&mut out, self.status);
+                }
+            }
+            return self.send(&out).await.map(|_| true);
+        }
+        if let Some(route) = m.route_setting_only {
+            match route {
+                Some(r) => {
+                    self.route_setting = r;
+                    backend::command_complete(&mut out, "SET");
+                    backend::ready_for_query(&mut out, self.status);
+                }
+                None => {
+                    let msg = "invalid value for parameter \"pgpilot.route\": use primary, replica or auto";
+                    self.error_then_ready(&mut out, "22023", msg, unit);
+                }
+            }
+            return self.send(&out).await.map(|_| true);
+        }
+        let lone_change = unit.simple_sql().is_some() && m.changes.len() == 1 && !self.pinned;
+        let tag = match m.changes.first() {
+            Some(Change::Deallocate { name }) if lone_change => {
+                self.statements.remove(name);
+                "DEALLOCATE"
+            }
+            Some(Change::DeallocateAll) if lone_change => {
+                self.statements.clear();
+                "DEALLOCATE ALL"
+            }
+            Some(Change::DiscardAll) if lone_change && self.status == TxStatus::Idle => {
+                self.statements.clear();
+                self.settings = self.startup_settings.clone();
+                self.route_setting = Route::Auto;
+                self.session_read_only = false;
+                "DISCARD ALL"
+            }
+            _ => return Ok(false),
+        };
+        backend::command_complete(&mut out, tag);
+        backend::ready_for_query(&mut out, self.status);
+        self.send(&out).await.map(|_| true)
+    }
+
+    /// The node for `target`: an eligible replica, else the elected primary (waiting for one).
+    async fn choose(
+        &self,
+        target: Target,
+        exclude: &[usize],
+    ) -> Result<(usize, bool), ClientError> {
+        let cluster = &self.config.cluster;
+        if target == Target::Replica {
+            let view = self.shared.cluster.view();
+            let ryw = self.last_write;
+            if let Some(i) = pick_replica(&view, cluster, &self.shared.load, ryw, exclude) {
+                return Ok((i, true));
+            }
+            let waiting_for_own_write = ryw.is_some()
+                && view
+                    .primary()
+                    .and_then(|p| p.sample.as_ref())
+                    .is_none_or(|s| ryw.is_some_and(|w| s.started <= w));
+            if cluster.replica_fallback == ReplicaFallback::Error && !waiting_for_own_write {
+                return Err(ClientError::NoNode("replica"));
+            }
+        }
+        let primary = self
+            .shared
+            .cluster
+            .wait_for_primary(primary_wait(cluster))
+            .await
+            .ok_or(ClientError::NoNode("primary"))?;
+        let index = self
+            .shared
+            .cluster
+            .view()
+            .index_of(&primary.name)
+            .ok_or(ClientError::NoNode("primary"))?;
+        Ok((index, false))
+    }
+
+    /// Borrows a connection on `node` and brings its settings in line with this client's.
+    async fn checkout(&self, node: usize, on_replica: bool) -> Result<Held<'a>, ClientError> {
+        let shared: &'a Shared = self.shared;
+        let view = shared.cluster.view();
+        let status = view.nodes.get(node).ok_or(ClientError::NoNode("node"))?;
+        let pool = super::pool_for(self.shared, &self.config, status, self.database, self.user);
+        let mut conn = pool
+            .checkout(self.config.proxy.query_wait_timeout.0)
+            .await?;
+        let server = conn.conn();
+        if let Err(e) = server.apply_settings(&self.settings).await {
+            conn.discard().await;
+            return Err(match e {
+                crate::server::ServerError::Rejected(f) => ClientError::Pool(
+                    crate::pool::PoolError::Connect(crate::server::ServerError::Rejected(f)),
+                ),
+                other => ClientError::ServerLost(other.to_string()),
+            });
+        }
+        let server = conn.conn();
+        *self.cancel.lock() = Some(CancelTarget {
+            host: server.host.clone(),
+            port: server.port,
+            key: server.key,
+        });
+        Ok(Held {
+            conn,
+            on_replica,
+            _load: shared.load.track(node),
+        })
+    }
+
+    async fn send(&mut self, out: &[u8]) -> Result<(), ClientError> {
+        self.writer
+            .write_all(out)
+            .await
+            .map_err(|e| ClientError::Protocol(ProtocolError::Io(e)))
+    }
+
+    async fn ready(&mut self) -> Result<(), ClientError> {
+        let mut out = BytesMut::new();
+        backend::ready_for_query(&mut out, self.status);
+        self.send(&out).await
+    }
+
+    /// An error for a request, then whatever ReadyForQuery the request expected; a partial
+    /// extended request discards the client's messages up to its Sync.
+    fn error_then_ready(&mut self, out: &mut BytesMut, code: &str, msg: &str, unit: &Unit) {
+        backend::error_response(out, Severity::Error, code, msg);
+        if unit.readies() == 0 {
+            self.discard_until_sync = true;
+        }
+        for _ in 0..unit.readies() {
+            backend::ready_for_query(out, self.status);
+        }
+    }
+
+    /// A request that could not be served gets an ERROR (not FATAL): the client stays.
+    async fn fail_request(&mut self, e: &ClientError, readies: usize) -> Result<(), ClientError> {
+        let (_, code, message) =
+            e.response()
+                .unwrap_or((Severity::Error, sqlstate::INTERNAL_ERROR, e.to_string()));
+        let mut out = BytesMut::new();
+        backend::error_response(&mut out, Severity::Error, code, &message);
+        if readies == 0 {
+            self.discard_until_sync = true;
+        }
+        for _ in 0..readies {
+            backend::ready_for_query(&mut out, self.status);
+        }
+        self.send(&out).await
+    }
+
+    /// The server died under a request: `08006`, and a transaction that was open is failed.
+    async fn report_lost(
+        &mut self,
+        why: &str,
+        readies: usize,
+        in_tx: bool,
+    ) -> Result<(), ClientError> {
+        if in_tx {
+            self.failed_tx = true;
+            self.status = TxStatus::Failed;
+        } else {
+            self.status = TxStatus::Idle;
+        }
+        let mut out = BytesMut::new();
+        let msg = format!("server connection lost: {why}");
+        backend::error_response(
+            &mut out,
+            Severity::Error,
+            sqlstate::CONNECTION_FAILURE,
+            &msg,
+        );
+        if readies == 0 {
+            self.discard_until_sync = true;
+        }
+        for _ in 0..readies {
+            backend::ready_for_query(&mut out, self.status);
+        }
+        self.send(&out).await
+    }
+}
+
+impl<R, W> Txn<'_, R, W> {
+    /// Applies a successful request's session changes to the client and its connection.
+    pub(super) fn apply(
+        &mut self,
+        changes: &[Change],
+        applied: &mut Settings,
+        server_statements: &mut super::prepared::ServerStatements,
+    ) {
+        for c in changes {
+            match c {
+                Change::Set { name, statement } => {
+                    self.settings.set(name, statement.clone());
+                    applied.set(name, statement.clone());
+                }
+                Change::Reset { name } => {
+                    self.settings.reset(name);
+                    applied.reset(name);
+                }
+                Change::ResetAll => {
+                    self.settings = self.startup_settings.clone();
+                    *applied = Settings::default();
+                }
+                Change::DiscardAll => {
+                    self.settings = self.startup_settings.clone();
+                    self.statements.clear();
+                    *applied = Settings::default();
+                    server_statements.clear();
+                    self.pinned = false;
+                }
+                Change::Deallocate { name } => self.statements.remove(name),
+                Change::DeallocateAll => {
+                    self.statements.clear();
+                    server_statements.clear();
+                }
+                Change::Pin => self.pinned = true,
+                Change::Route(r) => self.route_setting = *r,
+                Change::SessionReadOnly {
+                    read_only,
+                    statement,
+                } => {
+                    self.session_read_only = *read_only;
+                    self.settings
+                        .set("default_transaction_read_only", statement.clone());
+                    applied.set("default_transaction_read_only", statement.clone());
+                }
+            }
+        }
+    }
+}
+
+/// Answers a request made only of transaction-ending statements as the server would after the
+/// transaction was lost: every message succeeds and the command tag is `tag`.
+fn synthesize_ok(unit: &Unit, tag: &str, out: &mut BytesMut) {
+    for f in &unit.frames {
+        match f.tag {
+            frontend::QUERY => {
+                backend::command_complete(out, tag);
+                backend::ready_for_query(out, TxStatus::Idle);
+            }
+            frontend::PARSE => crate::protocol::codec::write_message(out, b'1', |_| {}),
+            frontend::BIND => crate::protocol::codec::write_message(out, b'2', |_| {}),
+            frontend::DESCRIBE => crate::protocol::codec::write_message(out, b'n', |_| {}),
+            frontend::EXECUTE => backend::command_complete(out, tag),
+            frontend::CLOSE => crate::protocol::codec::write_message(out, b'3', |_| {}),
+            frontend::SYNC => backend::ready_for_query(out, TxStatus::Idle),
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! Requests as the transaction-pooling session sees them: a simple Query, a FunctionCall, or
+//! extended-protocol messages up to Sync (or Flush), routed as one unit. Also what a request
+//! means for routing (`Intent`) and which session changes it makes when it succeeds.
+
+use crate::protocol::frontend;
+use crate::protocol::{Frame, ProtocolError};
+use crate::router::Intent;
+use crate::router::classify::{FunctionRules, Route, SessionChange, analyze};
+
+use super::prepared::{ClientStatements, StatementClass, bind_statement, parse_query};
+
+/// Messages routed together.
+#[derive(Debug, Default)]
+pub struct Unit {
+    pub frames: Vec<Frame>,
+}
+
+impl Unit {
+    /// True once `frame` completes the unit.
+    pub fn push(&mut self, frame: Frame) -> bool {
+        let done = matches!(
+            frame.tag,
+            frontend::SYNC | frontend::QUERY | frontend::FUNCTION_CALL | frontend::FLUSH
+        );
+        self.frames.push(frame);
+        done
+    }
+
+    /// Responses ending in ReadyForQuery the server will send.
+    pub fn readies(&self) -> usize {
+        self.frames
+            .iter()
+            .filter(|f| frontend::expects_ready(f.tag))
+            .count()
+    }
+
+    /// Ends with Flush and not Sync: the rest of the request follows on the same connection.
+    pub fn is_partial(&self) -> bool {
+        self.frames.last().is_some_and(|f| f.tag == frontend::FLUSH)
+    }
+
+    /// Only Sync/Flush: nothing for a server to do.
+    pub fn is_sync_only(&self) -> bool {
+        self.frames
+            .iter()
+            .all(|f| matches!(f.tag, frontend::SYNC | frontend::FLUSH))
+    }
+
+    /// The SQL text of a lone simple Query.
+    pub fn simple_sql(&self) -> Option<&str> {
+        match self.frames.as_slice() {
+            [f] if f.tag == frontend::QUERY => frontend::parse_query(f).ok(),
+            _ => None,
+        }
+    }
+
+    /// A byte-for-byte copy, for requests that may be retried elsewhere.
+    pub fn duplicate(&self) -> Result<Unit, ProtocolError> {
+        let frames = self
+            .frames
+            .iter()
+            .map(|f| Frame::from_raw(bytes::BytesMut::from(f.raw())))
+            .collect::<Result<_, _>>()?;
+        Ok(Unit { frames })
+    }
+}
+
+/// A session change the proxy applies once the request that made it succeeds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Set { name: String, statement: String },
+    Reset { name: String },
+    ResetAll,
+    DiscardAll,
+    Deallocate { name: String },
+    DeallocateAll,
+    Pin,
+    Route(Route),
+    SessionReadOnly { read_only: bool, statement: String },
+}
+
+/// What a unit means: routing intent, the changes it makes, whether every statement in it
+/// only ends a transaction.
+#[derive(Debug, Default)]
+pub struct Meaning {
+    pub intent: Intent,
+    pub changes: Vec<Change>,
+    pub ends_tx_only: bool,
+    /// A lone `SET pgpilot.route = ...`: answered by the proxy.
+    pub route_setting_only: Option<Option<Route>>,
+}
+
+/// The routing facts of one SQL text.
+struct Facts {
+    read_only: bool,
+    begin: Option<bool>,
+    hint: Option<Route>,
+    pins: bool,
+    route_setting: Option<Route>,
+    statements: usize,
+}
+
+fn changes_of(sql: &str, rules: &FunctionRules, out: &mut Vec<Change>) -> Facts {
+    let a = analyze(sql, rules);
+    for c in &a.changes {
+        out.push(match c {
+            SessionChange::Set { name, statement } => Change::Set {
+                name: (*name).to_owned(),
+                statement: (*statement).to_owned(),
+            },
+            SessionChange::Reset { name } => Change::Reset {
+                name: (*name).to_owned(),
+            },
+            SessionChange::ResetAll => Change::ResetAll,
+            SessionChange::DiscardAll => Change::DiscardAll,
+            SessionChange::Deallocate { name } => Change::Deallocate {
+                name: (*name).to_owned(),
+            },
+            SessionChange::DeallocateAll => Change::DeallocateAll,
+        });
+    }
+    if let Some(r) = a.route_setting {
+        out.push(Change::Route(r));
+    }
+    if let Some(ro) = a.session_read_only {
+        let statement = format!(
+            "SET default_transaction_read_only = {}",
+            if ro { "on" } else { "off" }
+        );
+        out.push(Change::SessionReadOnly {
+            read_only: ro,
+            statement,
+        });
+    }
+    if a.pins {
+        out.push(Change::Pin);
+    }
+    Facts {
+        read_only: a.read_only,
+        begin: a.begin,
+        hint: a.hint,
+        pins: a.pins,
+        route_setting: a.route_setting,
+        statements: a.statements,
+    }
+}
+
+/// Works out what `unit` means for this client.
+pub fn meaning(unit: &Unit, statements: &ClientStatements, rules: &FunctionRules) -> Meaning {
+    let mut m = Meaning {
+        intent: Intent {
+            read_only: true,
+            ..Intent::default()
+        },
+        ends_tx_only: true,
+        ..Meaning::default()
+    };
+    let mut saw_statement = false;
+    for f in &unit.frames {
+        match f.tag {
+            frontend::QUERY => {
+                let sql = frontend::parse_query(f).unwrap_or_default();
+                let a = changes_of(sql, rules, &mut m.changes);
+                let class = StatementClass::of(sql, rules);
+                m.intent.read_only &= a.read_only;
+                m.intent.begin = m.intent.begin.or(a.begin);
+                m.intent.hint = m.intent.hint.or(a.hint);
+                m.intent.sticky |= a.pins;
+                m.ends_tx_only &= class.ends_tx;
+                saw_statement = true;
+                if a.statements == 1 && is_route_set(sql) {
+                    m.route_setting_only = Some(a.route_setting);
+                }
+            }
+            frontend::PARSE => {
+                let sql = parse_query(f).map(|(_, q)| q).unwrap_or_default();
+                let a = changes_of(sql, rules, &mut m.changes);
+                let class = StatementClass::of(sql, rules);
+                m.intent.read_only &= a.read_only;
+                m.intent.begin = m.intent.begin.or(a.begin);
+                m.intent.hint = m.intent.hint.or(a.hint);
+                m.intent.sticky |= a.pins;
+                m.ends_tx_only &= class.ends_tx;
+                saw_statement = true;
+            }
+            frontend::BIND => {
+                let class = bind_statement(f).ok().and_then(|name| {
+                    let parsed_here = unit.frames.iter().any(|p| {
+                        p.tag == frontend::PARSE && parse_query(p).is_ok_and(|(n, _)| n == name)
+                    });
+                    if parsed_here {
+                        None
+                    } else {
+                        statements.get(name).map(|s| s.class)
+                    }
+                });
+                if let Some(class) = class {
+                    m.intent.read_only &= class.read_only;
+                    m.intent.begin = m.intent.begin.or(class.begin);
+                    m.ends_tx_only &= class.ends_tx;
+                    saw_statement = true;
+                } else if !unit.frames.iter().any(|p| p.tag == frontend::PARSE) {
+                    // A statement we never saw: assume the worst.
+                    m.intent.read_only = false;
+                    m.ends_tx_only = false;
+                }
+            }
+            frontend::FUNCTION_CALL => {
+                m.intent.read_only = false;
+                m.intent.sticky = true;
+                m.ends_tx_only = false;
+            }
+            _ => {}
+        }
+    }
+    if unit.is_partial() {
+        m.intent.sticky = true;
+    }
+    m.ends_tx_only &= saw_statement;
+    if m.route_setting_only.is_some() && unit.frames.len() != 1 {
+        m.route_setting_only = None;
+    }
+    m
+}
+
+/// `SET pgpilot.route ...` with a value the proxy does not understand.
+fn is_route_set(sql: &str) -> bool {
+    let mut words = crate::router::lexer::Lexer::new(sql);
+    words.next().is_some_and(|t| t.is_word("set"))
+        && words.next().is_some_and(|t| t.is_word("pgpilot"))
+        && matches!(words.next(), Some(crate::router::lexer::Token::Punct(b'.')))
+        && words.next().is_some_and(|t| t.is_word("route"))
+}
