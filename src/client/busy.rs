@@ -17,10 +17,13 @@ use super::txn::{BusyEnd, Held, Txn};
 use super::unit::{Change, Meaning, Unit, meaning};
 use crate::config::ReadYourWrites;
 use crate::net::ServerStream;
-use crate::protocol::backend::{self, ReadyForQuery, TxStatus, parse_parameter_status};
+use crate::protocol::backend::{
+    self, ErrorFields, ReadyForQuery, TxStatus, parse_parameter_status,
+};
 use crate::protocol::codec::get_cstr;
 use crate::protocol::frontend;
 use crate::protocol::{MessageReader, ProtocolError};
+use crate::router::Target;
 use crate::server::{MAX_SERVER_MESSAGE, ServerConn};
 
 /// What to do with the connection afterwards.
@@ -248,7 +251,11 @@ impl Drive<'_> {
                     let unit = std::mem::take(&mut incoming);
                     let m = meaning(&unit, &txn.statements, &txn.rules);
                     let in_tx = txn.status != TxStatus::Idle || self.began_in_flight;
-                    if self.on_replica && !m.intent.read_only && !in_tx && !m.ends_tx_only {
+                    if self.on_replica
+                        && !in_tx
+                        && !txn.pinned
+                        && txn.target_of(&m) == Target::Primary
+                    {
                         deferred = Some(unit);
                         continue;
                     }
@@ -330,7 +337,23 @@ impl Drive<'_> {
                         ReadyForQuery::parse(&frame).map_err(|e| Gone::Server(e.to_string()))?;
                     self.on_ready(txn, status);
                 }
-                backend::ERROR_RESPONSE => self.errored = true,
+                backend::ERROR_RESPONSE => {
+                    // FATAL/PANIC means the backend is going away (shutdown, crash, terminate):
+                    // the connection is lost, not just this request.
+                    let fields =
+                        ErrorFields::parse(&frame).map_err(|e| Gone::Server(e.to_string()))?;
+                    if matches!(fields.severity.as_str(), "FATAL" | "PANIC") {
+                        if !batch.is_empty() {
+                            txn.writer
+                                .write_all(&batch)
+                                .await
+                                .map_err(|_| Gone::Client)?;
+                            self.forwarded_any = true;
+                        }
+                        return Err(Gone::Server(fields.message));
+                    }
+                    self.errored = true;
+                }
                 backend::COMMAND_COMPLETE => {
                     let mut body = frame.body();
                     self.saw_rollback = get_cstr(&mut body).is_ok_and(|t| t == "ROLLBACK");
@@ -343,6 +366,9 @@ impl Drive<'_> {
                 COPY_IN_RESPONSE => {
                     self.copy_in = true;
                     if copy_in_started(&mut self.expect) {
+                        // The request only completes with the Sync the client sends after
+                        // CopyDone: keep the connection until then.
+                        self.partial = true;
                         self.outstanding = self.outstanding.saturating_sub(1);
                         if let Some(p) = self.pending.pop_front() {
                             self.carry.extend(p.changes);

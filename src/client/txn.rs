@@ -402,6 +402,16 @@ where
 }
 
 impl<R, W> Txn<'_, R, W> {
+    /// Where a request that starts outside a transaction should go.
+    pub(super) fn target_of(&self, m: &super::unit::Meaning) -> Target {
+        let client = ClientRoute {
+            database: self.routing,
+            setting: self.route_setting,
+            session_read_only: self.session_read_only,
+        };
+        decide(&m.intent, &client)
+    }
+
     /// Applies a successful request's session changes to the client and its connection.
     pub(super) fn apply(
         &mut self,

@@ -223,7 +223,8 @@ impl<'a> Scan<'a> {
                 if kw("hold") && self.prev.is_some_and(|p| p.is_word("with")) {
                     self.with_hold = true;
                 }
-                if (kw("temp") || kw("temporary")) && self.len <= 3 {
+                let after = |k: &str| self.prev.is_some_and(|p| p.is_word(k));
+                if (kw("temp") || kw("temporary")) && (self.len <= 3 || after("into")) {
                     self.temp = true;
                 }
                 if kw("from") && self.depth == 0 {
@@ -335,13 +336,17 @@ fn finish<'a>(a: &mut Analysis<'a>, s: &Scan<'a>, sql: &'a str) {
     let text = sql.get(s.start..s.end).unwrap_or("");
     let reads = !s.write_keyword && !s.write_function;
     let read_only = match s.word(0).to_ascii_lowercase().as_str() {
-        "select" | "values" | "table" | "with" => reads,
+        "select" | "values" | "table" | "with" => {
+            a.pins |= s.temp;
+            reads
+        }
         "show" => true,
         "explain" => !s.analyze || reads,
         "copy" => s.to_stdout && !s.top_level_from && !s.write_function,
         "begin" | "start" => {
+            // Opening a transaction is harmless anywhere; routing looks at `begin`.
             a.begin = Some(s.read_only_words && !s.read_write_words);
-            false
+            true
         }
         "commit" | "end" | "rollback" | "abort" => true,
         "set" => classify_set(a, s, text),
