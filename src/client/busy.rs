@@ -1,7 +1,9 @@
 //! Serving requests on one borrowed server connection until it can go back: forwards the
 //! client's requests (statements renamed, missing Parses injected), passes responses back in
 //! batches (swallowing answers to injected messages), follows COPY, applies session changes
-//! when their request succeeds, and notices a request that must be routed elsewhere.
+//! when their request succeeds, notices a request that must be routed elsewhere, and, when the
+//! server dies before any of the unanswered requests' answers reached the client, hands those
+//! requests back to be retried on another node.
 
 use std::collections::VecDeque;
 
@@ -22,9 +24,11 @@ use crate::protocol::backend::{
 };
 use crate::protocol::codec::get_cstr;
 use crate::protocol::frontend;
-use crate::protocol::{MessageReader, ProtocolError};
+use crate::protocol::{Frame, MessageReader, ProtocolError};
 use crate::router::Target;
 use crate::server::{MAX_SERVER_MESSAGE, ServerConn};
+
+const COPY_IN_RESPONSE: u8 = b'G';
 
 /// What to do with the connection afterwards.
 enum Disposal {
@@ -42,10 +46,15 @@ struct Pending {
 }
 
 enum Event {
-    Server(Result<Option<crate::protocol::Frame>, ProtocolError>),
-    Client(Result<Option<crate::protocol::Frame>, ProtocolError>),
+    Server(Result<Option<Frame>, ProtocolError>),
+    Client(Result<Option<Frame>, ProtocolError>),
     ShutdownStarted,
     Forced,
+}
+
+enum Gone {
+    Client,
+    Server(String),
 }
 
 pub(super) async fn serve<R, W>(
@@ -77,13 +86,15 @@ where
         } = conn;
         let (srd, swr) = tokio::io::split(stream);
         let mut server = MessageReader::new(srd, std::mem::take(buf), MAX_SERVER_MESSAGE);
-        let mut state = Drive {
+        let mut drive = Drive {
             swr,
             statements,
             applied,
             params,
             expect: VecDeque::new(),
             pending: VecDeque::new(),
+            backups: VecDeque::new(),
+            head_forwarded: false,
             carry: Vec::new(),
             tentative: Vec::new(),
             outstanding: 0,
@@ -93,10 +104,9 @@ where
             wrote_in_tx: false,
             began_in_flight: false,
             saw_rollback: false,
-            forwarded_any: false,
             on_replica,
         };
-        let result = state
+        let result = drive
             .run(txn, &mut server, first, first_meaning, backup)
             .await;
         *buf = server.into_parts().1;
@@ -118,6 +128,10 @@ struct Drive<'c> {
     params: &'c mut Vec<(String, String)>,
     expect: VecDeque<Expect>,
     pending: VecDeque<Pending>,
+    /// A copy of each request still awaiting its answer, when it may be retried elsewhere.
+    backups: VecDeque<Option<Unit>>,
+    /// Part of the oldest unanswered request's answer already reached the client.
+    head_forwarded: bool,
     /// Changes of a request sent without Sync (Flush), applied with the next answer.
     carry: Vec<Change>,
     /// Changes made inside an open transaction: kept unless it rolls back.
@@ -129,7 +143,6 @@ struct Drive<'c> {
     wrote_in_tx: bool,
     began_in_flight: bool,
     saw_rollback: bool,
-    forwarded_any: bool,
     on_replica: bool,
 }
 
@@ -146,28 +159,25 @@ impl Drive<'_> {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        if let Err(e) = self
-            .send(txn, first, first_meaning.changes.clone(), first_meaning)
-            .await
-        {
-            return self.lost(txn, e, backup);
+        if let Err(e) = self.send(txn, first, first_meaning, backup).await {
+            return self.lost(txn, e);
         }
-        let mut backup = backup;
-        let mut incoming = Unit::default();
         let mut deferred: Option<Unit> = None;
         let mut deadline: Option<Instant> = None;
         loop {
             if self.outstanding == 0 && !self.partial && !self.copy_in {
                 let idle = txn.status == TxStatus::Idle;
-                if let Some(u) = deferred.take() {
+                if deferred.take().is_some() {
                     if idle {
-                        return (BusyEnd::Deferred(u), self.idle_disposal(txn));
+                        return (BusyEnd::Released, self.idle_disposal(txn));
                     }
                     // Inside a transaction the request belongs to this connection after all.
+                    let Some(u) = txn.queue.pop_back() else {
+                        continue;
+                    };
                     let m = meaning(&u, &txn.statements, &txn.rules);
-                    let changes = m.changes.clone();
-                    if let Err(e) = self.send(txn, u, changes, &m).await {
-                        return self.lost(txn, e, None);
+                    if let Err(e) = self.send(txn, u, &m, None).await {
+                        return self.lost(txn, e);
                     }
                     continue;
                 }
@@ -193,16 +203,13 @@ impl Drive<'_> {
                 Event::Server(r) => {
                     let frame = match r {
                         Ok(Some(f)) => f,
-                        Ok(None) => {
-                            return self.lost(txn, "server closed the connection".into(), backup);
-                        }
-                        Err(e) => return self.lost(txn, e.to_string(), backup),
+                        Ok(None) => return self.lost(txn, "server closed the connection".into()),
+                        Err(e) => return self.lost(txn, e.to_string()),
                     };
                     match self.relay_responses(txn, server, frame).await {
-                        Ok(true) => backup = None,
-                        Ok(false) => {}
+                        Ok(()) => {}
                         Err(Gone::Client) => return (BusyEnd::ClientGone, Disposal::Close),
-                        Err(Gone::Server(why)) => return self.lost(txn, why, backup),
+                        Err(Gone::Server(why)) => return self.lost(txn, why),
                     }
                 }
                 Event::Client(r) => {
@@ -213,21 +220,12 @@ impl Drive<'_> {
                         }
                         Err(e) => return (BusyEnd::Protocol(e), Disposal::Close),
                     };
-                    if self.copy_in
-                        && matches!(
-                            frame.tag,
-                            frontend::COPY_DATA
-                                | frontend::COPY_DONE
-                                | frontend::COPY_FAIL
-                                | frontend::FLUSH
-                                | frontend::SYNC
-                        )
-                    {
+                    if self.copy_in && is_copy_traffic(frame.tag) {
                         if matches!(frame.tag, frontend::COPY_DONE | frontend::COPY_FAIL) {
                             self.copy_in = false;
                         }
                         if let Err(e) = self.swr.write_all(frame.raw()).await {
-                            return self.lost(txn, e.to_string(), None);
+                            return self.lost(txn, e.to_string());
                         }
                         continue;
                     }
@@ -245,23 +243,32 @@ impl Drive<'_> {
                         }
                         _ => {}
                     }
-                    if !incoming.push(frame) {
+                    // Partly read requests live on the session: they survive a lost server.
+                    if !txn.incoming.push(frame) {
                         continue;
                     }
-                    let unit = std::mem::take(&mut incoming);
+                    let unit = std::mem::take(&mut txn.incoming);
                     let m = meaning(&unit, &txn.statements, &txn.rules);
                     let in_tx = txn.status != TxStatus::Idle || self.began_in_flight;
-                    if self.on_replica
-                        && !in_tx
-                        && !txn.pinned
-                        && txn.target_of(&m) == Target::Primary
-                    {
-                        deferred = Some(unit);
+                    let wants_primary = txn.target_of(&m) == Target::Primary;
+                    if self.on_replica && !in_tx && !txn.pinned && wants_primary {
+                        // Not sent anywhere yet: queued on the session, served after this.
+                        txn.queue.push_back(unit);
+                        deferred = Some(Unit::default());
                         continue;
                     }
-                    let changes = m.changes.clone();
-                    if let Err(e) = self.send(txn, unit, changes, &m).await {
-                        return self.lost(txn, e, None);
+                    let retryable = self.on_replica
+                        && !in_tx
+                        && m.intent.read_only
+                        && m.intent.begin.is_none()
+                        && !unit.is_partial();
+                    let backup = if retryable {
+                        unit.duplicate().ok()
+                    } else {
+                        None
+                    };
+                    if let Err(e) = self.send(txn, unit, &m, backup).await {
+                        return self.lost(txn, e);
                     }
                 }
             }
@@ -273,8 +280,8 @@ impl Drive<'_> {
         &mut self,
         txn: &mut Txn<'_, R, W>,
         unit: Unit,
-        mut changes: Vec<Change>,
         m: &Meaning,
+        backup: Option<Unit>,
     ) -> Result<(), String> {
         let readies = unit.readies();
         let partial = unit.is_partial();
@@ -293,12 +300,15 @@ impl Drive<'_> {
         }
         let wrote = !self.on_replica && !m.intent.read_only;
         let began = m.intent.begin.is_some();
+        let mut changes = m.changes.clone();
         if readies == 0 {
             self.carry.append(&mut changes);
         } else {
             changes.splice(0..0, std::mem::take(&mut self.carry));
+            let mut backup = if readies == 1 { backup } else { None };
             for i in 0..readies {
-                let changes = if i + 1 == readies {
+                let last = i + 1 == readies;
+                let changes = if last {
                     std::mem::take(&mut changes)
                 } else {
                     Vec::new()
@@ -308,6 +318,8 @@ impl Drive<'_> {
                     wrote,
                     began,
                 });
+                self.backups
+                    .push_back(if last { backup.take() } else { None });
             }
         }
         self.began_in_flight |= began;
@@ -316,43 +328,39 @@ impl Drive<'_> {
         self.swr.write_all(&out).await.map_err(|e| e.to_string())
     }
 
-    /// Forwards `first` and every further response already buffered, in one write. Returns
-    /// whether anything reached the client.
+    /// Forwards `first` and every further response already buffered, in one write.
     async fn relay_responses<R, W>(
         &mut self,
         txn: &mut Txn<'_, R, W>,
         server: &mut MessageReader<ReadHalf<&mut ServerStream>>,
-        first: crate::protocol::Frame,
-    ) -> Result<bool, Gone>
+        first: Frame,
+    ) -> Result<(), Gone>
     where
         W: AsyncWrite + Unpin,
     {
         let mut batch = BytesMut::new();
         let mut frame = first;
+        // What this batch does for the oldest requests, recorded once the client has it.
+        let mut answered = 0usize;
+        let mut touched = false;
         loop {
+            if matches!(
+                frame.tag,
+                backend::ERROR_RESPONSE | backend::NOTICE_RESPONSE
+            ) {
+                let fields = ErrorFields::parse(&frame).map_err(|e| Gone::Server(e.to_string()))?;
+                if is_goodbye(frame.tag, &fields) {
+                    self.deliver(txn, &batch, answered, touched).await?;
+                    return Err(Gone::Server(fields.message));
+                }
+                self.errored |= frame.tag == backend::ERROR_RESPONSE;
+            }
             let disposition = on_response(frame.tag, &mut self.expect, self.statements);
             match frame.tag {
                 backend::READY_FOR_QUERY => {
                     let status =
                         ReadyForQuery::parse(&frame).map_err(|e| Gone::Server(e.to_string()))?;
                     self.on_ready(txn, status);
-                }
-                backend::ERROR_RESPONSE => {
-                    // FATAL/PANIC means the backend is going away (shutdown, crash, terminate):
-                    // the connection is lost, not just this request.
-                    let fields =
-                        ErrorFields::parse(&frame).map_err(|e| Gone::Server(e.to_string()))?;
-                    if matches!(fields.severity.as_str(), "FATAL" | "PANIC") {
-                        if !batch.is_empty() {
-                            txn.writer
-                                .write_all(&batch)
-                                .await
-                                .map_err(|_| Gone::Client)?;
-                            self.forwarded_any = true;
-                        }
-                        return Err(Gone::Server(fields.message));
-                    }
-                    self.errored = true;
                 }
                 backend::COMMAND_COMPLETE => {
                     let mut body = frame.body();
@@ -366,10 +374,11 @@ impl Drive<'_> {
                 COPY_IN_RESPONSE => {
                     self.copy_in = true;
                     if copy_in_started(&mut self.expect) {
-                        // The request only completes with the Sync the client sends after
+                        // The request completes with the Sync the client sends after
                         // CopyDone: keep the connection until then.
                         self.partial = true;
                         self.outstanding = self.outstanding.saturating_sub(1);
+                        self.backups.pop_front();
                         if let Some(p) = self.pending.pop_front() {
                             self.carry.extend(p.changes);
                         }
@@ -378,6 +387,12 @@ impl Drive<'_> {
                 _ => {}
             }
             if disposition == Disposition::Forward {
+                if frame.tag == backend::READY_FOR_QUERY {
+                    answered += 1;
+                    touched = false;
+                } else {
+                    touched = true;
+                }
                 batch.unsplit(frame.into_raw());
             }
             if !server.has_buffered_frame() {
@@ -389,15 +404,36 @@ impl Drive<'_> {
                 Err(e) => return Err(Gone::Server(e.to_string())),
             };
         }
+        self.deliver(txn, &batch, answered, touched).await
+    }
+
+    /// Writes a batch to the client and records how far the answers got.
+    async fn deliver<R, W>(
+        &mut self,
+        txn: &mut Txn<'_, R, W>,
+        batch: &[u8],
+        answered: usize,
+        touched: bool,
+    ) -> Result<(), Gone>
+    where
+        W: AsyncWrite + Unpin,
+    {
         if batch.is_empty() {
-            return Ok(false);
+            return Ok(());
         }
         txn.writer
-            .write_all(&batch)
+            .write_all(batch)
             .await
             .map_err(|_| Gone::Client)?;
-        self.forwarded_any = true;
-        Ok(true)
+        for _ in 0..answered {
+            self.backups.pop_front();
+        }
+        self.head_forwarded = if answered > 0 {
+            touched
+        } else {
+            self.head_forwarded || touched
+        };
+        Ok(())
     }
 
     fn on_ready<R, W>(&mut self, txn: &mut Txn<'_, R, W>, status: TxStatus) {
@@ -440,21 +476,31 @@ impl Drive<'_> {
 
     /// The client left: an idle connection can be reused, anything else is closed.
     fn gone_disposal<R, W>(&self, txn: &Txn<'_, R, W>) -> Disposal {
-        if self.outstanding == 0 && !self.partial && !self.copy_in && txn.status == TxStatus::Idle {
+        let idle = self.outstanding == 0 && !self.partial && !self.copy_in;
+        if idle && txn.status == TxStatus::Idle {
             self.idle_disposal(txn)
         } else {
             Disposal::Close
         }
     }
 
-    fn lost<R, W>(
-        &mut self,
-        txn: &Txn<'_, R, W>,
-        why: String,
-        backup: Option<Unit>,
-    ) -> (BusyEnd, Disposal) {
-        if let Some(unit) = backup.filter(|_| !self.forwarded_any) {
-            return (BusyEnd::Retry(unit), Disposal::Close);
+    fn lost<R, W>(&mut self, txn: &mut Txn<'_, R, W>, why: String) -> (BusyEnd, Disposal) {
+        if self.outstanding == 0 && !self.partial && !self.copy_in {
+            // Nothing was owed to the client: it notices nothing (a pinned session's server
+            // state, such as LISTEN, is gone with the server).
+            txn.pinned = false;
+            return (BusyEnd::Released, Disposal::Close);
+        }
+        // Nothing of the unanswered requests reached the client and all may run elsewhere.
+        let retry = !self.head_forwarded
+            && !self.backups.is_empty()
+            && self.backups.iter().all(Option::is_some);
+        if retry {
+            let units = std::mem::take(&mut self.backups)
+                .into_iter()
+                .flatten()
+                .collect();
+            return (BusyEnd::Retry(units), Disposal::Close);
         }
         let in_tx = txn.status != TxStatus::Idle || self.began_in_flight;
         (
@@ -468,11 +514,28 @@ impl Drive<'_> {
     }
 }
 
-const COPY_IN_RESPONSE: u8 = b'G';
+/// The backend is going away, not just failing a request: FATAL or PANIC errors, and the
+/// WARNING notices PostgreSQL 14+ sends before an immediate shutdown or crash restart
+/// (`57P01` admin shutdown, `57P02` crash shutdown).
+fn is_goodbye(tag: u8, fields: &ErrorFields) -> bool {
+    if tag == backend::ERROR_RESPONSE {
+        matches!(fields.severity.as_str(), "FATAL" | "PANIC")
+    } else {
+        matches!(fields.code.as_str(), "57P01" | "57P02")
+    }
+}
 
-enum Gone {
-    Client,
-    Server(String),
+/// Messages that belong to a COPY FROM STDIN in progress (the server ignores Flush and Sync
+/// until it ends).
+fn is_copy_traffic(tag: u8) -> bool {
+    matches!(
+        tag,
+        frontend::COPY_DATA
+            | frontend::COPY_DONE
+            | frontend::COPY_FAIL
+            | frontend::FLUSH
+            | frontend::SYNC
+    )
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {

@@ -247,6 +247,8 @@ where
         status: TxStatus::Idle,
         pinned: false,
         cancel,
+        queue: Default::default(),
+        incoming: Default::default(),
     };
     let result = txn.run().await;
     shared.cancels.unregister(key);

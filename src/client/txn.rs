@@ -55,15 +55,18 @@ pub(super) struct Txn<'a, R, W> {
     pub status: TxStatus,
     pub pinned: bool,
     pub cancel: Arc<Mutex<Option<CancelTarget>>>,
+    /// Requests read but not yet served (deferred or to be retried), oldest first.
+    pub queue: std::collections::VecDeque<Unit>,
+    /// A request whose messages are still arriving.
+    pub incoming: Unit,
 }
 
 /// How serving on one borrowed connection ended.
 pub(super) enum BusyEnd {
     Released,
-    /// Idle again; this next request needs its own routing.
-    Deferred(Unit),
-    /// The server failed before anything reached the client: try elsewhere.
-    Retry(Unit),
+    /// The server failed before any of these requests' answers reached the client: try them
+    /// elsewhere, in order.
+    Retry(Vec<Unit>),
     /// The server failed mid-request; `readies` answers are still owed to the client.
     Lost {
         why: String,
@@ -81,36 +84,29 @@ where
     W: AsyncWrite + Unpin,
 {
     pub async fn run(&mut self) -> Result<(), ClientError> {
-        let mut next: Option<Unit> = None;
         loop {
-            let unit = match next.take() {
+            let unit = match self.queue.pop_front() {
                 Some(u) => u,
                 None => match self.read_unit().await? {
                     Some(u) => u,
                     None => return Ok(()),
                 },
             };
-            if let Some(following) = self.serve(unit).await? {
-                next = Some(following);
-            }
+            self.serve(unit).await?;
         }
     }
 
-    /// Serves one request; returns a request that arrived meanwhile and needs its own routing.
-    async fn serve(&mut self, unit: Unit) -> Result<Option<Unit>, ClientError> {
+    /// Serves one request. Requests that arrived meanwhile and need their own routing, or that
+    /// must be retried, go to the front of the queue.
+    async fn serve(&mut self, unit: Unit) -> Result<(), ClientError> {
         let m = meaning(&unit, &self.statements, &self.rules);
         if self.answer_locally(&unit, &m).await? {
-            return Ok(None);
+            return Ok(());
         }
-        let client = ClientRoute {
-            database: self.routing,
-            setting: self.route_setting,
-            session_read_only: self.session_read_only,
-        };
         let target = if self.pinned {
             Target::Primary
         } else {
-            decide(&m.intent, &client)
+            self.target_of(&m)
         };
         let retryable = target == Target::Replica && m.intent.read_only && m.intent.begin.is_none();
         let mut exclude = Vec::new();
@@ -118,10 +114,7 @@ where
         loop {
             let (node, on_replica) = match self.choose(target, &exclude).await {
                 Ok(n) => n,
-                Err(e) => {
-                    self.fail_request(&e, unit.readies()).await?;
-                    return Ok(None);
-                }
+                Err(e) => return self.fail_request(&e, unit.readies()).await,
             };
             let held = match self.checkout(node, on_replica).await {
                 Ok(h) => h,
@@ -129,26 +122,28 @@ where
                     exclude.push(node);
                     continue;
                 }
-                Err(e) => {
-                    self.fail_request(&e, unit.readies()).await?;
-                    return Ok(None);
-                }
+                Err(e) => return self.fail_request(&e, unit.readies()).await,
             };
             let may_retry = retryable && exclude.len() < 2;
             match busy::serve(self, held, unit, may_retry, &m).await {
-                BusyEnd::Released => return Ok(None),
-                BusyEnd::Deferred(u) => return Ok(Some(u)),
-                BusyEnd::Retry(u) => {
+                BusyEnd::Released => return Ok(()),
+                BusyEnd::Retry(units) => {
                     exclude.push(node);
-                    unit = u;
+                    let mut units = units.into_iter();
+                    let Some(first) = units.next() else {
+                        return Ok(());
+                    };
+                    for (i, u) in units.enumerate() {
+                        self.queue.insert(i, u);
+                    }
+                    unit = first;
                 }
                 BusyEnd::Lost {
                     why,
                     readies,
                     in_tx,
                 } => {
-                    self.report_lost(&why, readies, in_tx).await?;
-                    return Ok(None);
+                    return self.report_lost(&why, readies, in_tx).await;
                 }
                 BusyEnd::ClientGone => return Err(ProtocolError::Closed.into()),
                 BusyEnd::Protocol(e) => return Err(e.into()),
@@ -159,7 +154,7 @@ where
 
     /// Reads the next request; `None` when the client terminates.
     async fn read_unit(&mut self) -> Result<Option<Unit>, ClientError> {
-        let mut unit = Unit::default();
+        let mut unit = std::mem::take(&mut self.incoming);
         loop {
             let frame = tokio::select! {
                 biased;

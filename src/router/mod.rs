@@ -152,14 +152,19 @@ pub fn pick_replica(
             && n.lag_seconds.is_none_or(|s| s <= max_lag_time)
             && required.is_none_or(|lsn| n.replay_lsn().is_some_and(|r| r >= lsn))
     };
-    let candidates: Vec<usize> = (0..view.nodes.len()).filter(eligible).collect();
-    let least = candidates.iter().map(|&i| load.get(i)).min()?;
+    // One snapshot of the counters: other tasks change them concurrently.
+    let candidates: Vec<(usize, usize)> = (0..view.nodes.len())
+        .filter(eligible)
+        .map(|i| (i, load.get(i)))
+        .collect();
+    let least = candidates.iter().map(|&(_, l)| l).min()?;
     let tied: Vec<usize> = candidates
-        .into_iter()
-        .filter(|&i| load.get(i) == least)
+        .iter()
+        .filter(|&&(_, l)| l == least)
+        .map(|&(i, _)| i)
         .collect();
     let turn = load.next.fetch_add(1, Ordering::Relaxed);
-    tied.get(turn % tied.len()).copied()
+    tied.get(turn % tied.len().max(1)).copied()
 }
 
 /// How long a request waits for an elected primary before failing.
