@@ -35,6 +35,18 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// The server could not be reached at all (as opposed to refusing us).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Pool(PoolError::Connect(
+                ServerError::Connect { .. }
+                    | ServerError::ConnectTimeout { .. }
+                    | ServerError::Protocol(_)
+            )) | ClientError::ServerLost(_)
+        )
+    }
+
     /// The ErrorResponse to send, or `None` when the client is gone and nothing can be sent.
     pub fn response(&self) -> Option<(Severity, &str, String)> {
         let fatal = |code| Some((Severity::Fatal, code, self.to_string()));

@@ -209,7 +209,15 @@ where
     } else {
         Target::Primary
     };
-    let mut pooled = checkout(shared, config, target, &db.name, user).await?;
+    // Any healthy node can describe the session: when the preferred kind is down, take the
+    // other.
+    let mut pooled = match checkout(shared, config, target, &db.name, user).await {
+        Ok(p) => p,
+        Err(e) if e.is_unreachable() || matches!(e, ClientError::NoNode(_)) => {
+            checkout(shared, config, Target::Replica, &db.name, user).await?
+        }
+        Err(e) => return Err(e),
+    };
     apply_settings(&mut pooled, &startup).await?;
     let mut out = BytesMut::new();
     for (k, v) in pooled.conn().params() {

@@ -111,6 +111,9 @@ where
         let retryable = target == Target::Replica && m.intent.read_only && m.intent.begin.is_none();
         let mut exclude = Vec::new();
         let mut unit = unit;
+        // A primary that refuses connections is waited out: new requests proceed on the next
+        // elected primary within failover_wait_timeout.
+        let primary_deadline = Instant::now() + primary_wait(&self.config.cluster);
         loop {
             let (node, on_replica) = match self.choose(target, &exclude).await {
                 Ok(n) => n,
@@ -121,6 +124,20 @@ where
                 Err(_) if retryable && exclude.len() < 2 => {
                     exclude.push(node);
                     continue;
+                }
+                Err(e)
+                    if !on_replica && e.is_unreachable() && Instant::now() < primary_deadline =>
+                {
+                    let name = self.shared.cluster.view().nodes[node].name.clone();
+                    match self
+                        .shared
+                        .cluster
+                        .wait_for_new_primary(&name, primary_deadline)
+                        .await
+                    {
+                        Some(_) => continue,
+                        None => return self.fail_request(&e, unit.readies()).await,
+                    }
                 }
                 Err(e) => return self.fail_request(&e, unit.readies()).await,
             };

@@ -213,6 +213,23 @@ pub fn meaning(unit: &Unit, statements: &ClientStatements, rules: &FunctionRules
             _ => {}
         }
     }
+    let executes = unit.frames.iter().any(|f| {
+        matches!(
+            f.tag,
+            frontend::BIND | frontend::EXECUTE | frontend::QUERY | frontend::FUNCTION_CALL
+        )
+    });
+    if !executes {
+        // Parse/Describe/Close only: nothing runs, so any node can answer (a standby parses
+        // and describes writes too), and nothing changes the session yet. This also keeps
+        // clients that prepare synchronously from waiting on a busy primary pool.
+        m.intent = Intent {
+            read_only: true,
+            ..Intent::default()
+        };
+        m.changes.clear();
+        m.ends_tx_only = false;
+    }
     if unit.is_partial() {
         m.intent.sticky = true;
     }

@@ -221,6 +221,24 @@ impl Cluster {
         }
     }
 
+    /// Waits until a primary other than `previous` is elected, up to `deadline`.
+    pub async fn wait_for_new_primary(
+        &self,
+        previous: &str,
+        deadline: Instant,
+    ) -> Option<NodeStatus> {
+        let mut rx = self.subscribe();
+        loop {
+            if let Some(p) = self.view().primary().filter(|p| p.name != previous) {
+                return Some(p.clone());
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return None,
+            }
+        }
+    }
+
     /// Starts one probe task per node; they stop when `shutdown` is cancelled.
     pub fn spawn_probes(
         self: &Arc<Self>,

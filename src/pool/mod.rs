@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -41,6 +42,8 @@ pub struct Pool {
     settings: PoolSettings,
     permits: Arc<Semaphore>,
     idle: Mutex<Vec<ServerConn>>,
+    /// Server connections opened over the pool's life.
+    opened: AtomicUsize,
 }
 
 impl Pool {
@@ -51,6 +54,7 @@ impl Pool {
             permits: Arc::new(Semaphore::new(settings.size)),
             settings,
             idle: Mutex::new(Vec::new()),
+            opened: AtomicUsize::new(0),
         })
     }
 
@@ -78,11 +82,17 @@ impl Pool {
             });
         }
         let conn = ServerConn::connect(&self.connect).await?;
+        self.opened.fetch_add(1, Ordering::Relaxed);
         Ok(PooledConn {
             conn: Some(conn),
             pool: self.clone(),
             _permit: permit,
         })
+    }
+
+    /// Server connections opened so far.
+    pub fn opened(&self) -> usize {
+        self.opened.load(Ordering::Relaxed)
     }
 
     pub fn idle_count(&self) -> usize {

@@ -10,6 +10,10 @@ use tokio::net::TcpStream;
 pub struct Raw {
     pub stream: TcpStream,
     buf: BytesMut,
+    /// The process id from BackendKeyData, after `login`.
+    pub key_pid: Option<i32>,
+    /// ParameterStatus values seen during `login`.
+    pub params: Vec<(String, String)>,
 }
 
 /// One backend message: tag and body.
@@ -53,6 +57,8 @@ impl Raw {
         Raw {
             stream,
             buf: BytesMut::new(),
+            key_pid: None,
+            params: Vec::new(),
         }
     }
 
@@ -125,11 +131,29 @@ impl Raw {
                     raw.send(&out).await;
                 }
                 (b'R', Some(12)) => scram.finish(&m.body[4..]).unwrap(),
-                (b'R', Some(0)) | (b'S', _) | (b'K', _) => {}
+                (b'R', Some(0)) => {}
+                (b'S', _) => {
+                    let mut parts = m.body.split(|&b| b == 0);
+                    let k = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
+                    let v = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
+                    raw.params.push((k, v));
+                }
+                (b'K', _) => {
+                    raw.key_pid = Some(i32::from_be_bytes([
+                        m.body[0], m.body[1], m.body[2], m.body[3],
+                    ]));
+                }
                 (b'Z', _) => return raw,
                 other => panic!("unexpected message during login: {other:?} {m:?}"),
             }
         }
+    }
+
+    pub fn param(&self, name: &str) -> Option<String> {
+        self.params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
     }
 
     pub async fn query(&mut self, sql: &str) -> Vec<Msg> {

@@ -1,0 +1,58 @@
+//! pgbench through the proxy: initialisation (DDL, COPY, VACUUM) and 50 clients over a pool of
+//! 10 in each query mode, with zero failed transactions.
+
+mod common;
+
+use common::{cluster, config, start_proxy};
+use pgpilot::demo::{DEMO_DATABASE, DEMO_PASSWORD, DEMO_USER};
+
+async fn pgbench(port: u16, args: &[&str]) -> String {
+    let mut cmd = std::process::Command::new("pgbench");
+    cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", DEMO_USER])
+        .args(args)
+        .arg(DEMO_DATABASE)
+        .env("PGPASSWORD", DEMO_PASSWORD);
+    let out = tokio::task::spawn_blocking(move || cmd.output().expect("run pgbench"))
+        .await
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "pgbench {args:?} failed:\n{text}");
+    text
+}
+
+fn number_after(text: &str, label: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(label))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no {label:?} in:\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_pgbench_clients_over_ten_connections_lose_nothing() {
+    let proxy = start_proxy(config(cluster(), |c| c.proxy.pool_size = 10)).await;
+    pgbench(proxy.port(), &["-i", "-s", "2", "-q"]).await;
+    for mode in ["prepared", "extended", "simple"] {
+        let out = pgbench(
+            proxy.port(),
+            &["-M", mode, "-c", "50", "-j", "2", "-T", "5"],
+        )
+        .await;
+        let done = number_after(&out, "number of transactions actually processed: ");
+        let failed = number_after(&out, "number of failed transactions: ");
+        assert!(done > 0, "{mode}: no transactions:\n{out}");
+        assert_eq!(failed, 0, "{mode}: failed transactions:\n{out}");
+        eprintln!(
+            "pgbench -M {mode} -c 50 -j 2 -T 5 (pool_size 10): {done} transactions, 0 failed"
+        );
+    }
+    let opened: usize = proxy.shared.pools.all().iter().map(|p| p.opened()).sum();
+    assert!(
+        opened <= 30,
+        "{opened} server connections for three pools of 10"
+    );
+}

@@ -1,0 +1,207 @@
+//! Transaction pooling that real drivers survive: many clients over few server connections,
+//! prepared statements that move between connections, session settings that follow their
+//! client and never leak, DEALLOCATE, and session mode's real backend identity.
+
+mod common;
+
+use common::raw::Raw;
+use common::{cluster, config, start_proxy};
+use pgpilot::config::{PoolMode, Routing};
+use pgpilot::demo::{DEMO_DATABASE, DEMO_PASSWORD, DEMO_USER};
+use tokio_postgres::SimpleQueryMessage;
+
+fn primary_only(pool_size: usize) -> pgpilot::config::Config {
+    config(cluster(), |c| {
+        c.proxy.pool_size = pool_size;
+        c.databases[0].routing = Routing::Primary;
+    })
+}
+
+async fn show(client: &tokio_postgres::Client, name: &str) -> String {
+    let rows = client.simple_query(&format!("SHOW {name}")).await.unwrap();
+    rows.iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_clients_with_prepared_statements_over_two_server_connections() {
+    let proxy = start_proxy(primary_only(2)).await;
+    let mut tasks = Vec::new();
+    for i in 0..50i32 {
+        let info = proxy.conninfo(DEMO_USER, DEMO_PASSWORD, DEMO_DATABASE);
+        tasks.push(tokio::spawn(async move {
+            let (mut client, conn) = tokio_postgres::connect(&info, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            let add = client
+                .prepare(&format!("SELECT $1::int + {i}"))
+                .await
+                .unwrap();
+            let owner = client
+                .prepare("SELECT owner FROM accounts WHERE id = $1")
+                .await
+                .unwrap();
+            for round in 0..10i32 {
+                let tx = client.transaction().await.unwrap();
+                let sum: i32 = tx.query_one(&add, &[&round]).await.unwrap().get(0);
+                assert_eq!(sum, round + i);
+                let id = 1 + (i * 10 + round) % 1000;
+                let name: String = tx.query_one(&owner, &[&id]).await.unwrap().get(0);
+                assert_eq!(name, format!("user{id}"));
+                tx.commit().await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let opened: usize = proxy.shared.pools.all().iter().map(|p| p.opened()).sum();
+    assert!(opened <= 2, "{opened} server connections for a pool of 2");
+}
+
+#[tokio::test]
+async fn describe_of_a_statement_prepared_on_another_connection() {
+    let proxy = start_proxy(primary_only(2)).await;
+    let mut a = Raw::login(proxy.port(), DEMO_USER, DEMO_PASSWORD, DEMO_DATABASE).await;
+    let mut out = bytes::BytesMut::new();
+    use postgres_protocol::message::frontend;
+    frontend::parse(
+        "s1",
+        "SELECT id, owner FROM accounts WHERE id = $1",
+        [23],
+        &mut out,
+    )
+    .unwrap();
+    frontend::sync(&mut out);
+    a.send(&out).await;
+    let msgs = a.until_ready().await;
+    assert_eq!(msgs.iter().map(|m| m.tag).collect::<Vec<_>>(), [b'1']);
+
+    // Another client holds that connection in a transaction.
+    let b = proxy.connect().await;
+    b.batch_execute("BEGIN").await.unwrap();
+    let held_pid: i32 = b
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+
+    out.clear();
+    frontend::describe(b'S', "s1", &mut out).unwrap();
+    frontend::sync(&mut out);
+    a.send(&out).await;
+    let tags: Vec<u8> = a.until_ready().await.iter().map(|m| m.tag).collect();
+    assert_eq!(
+        tags,
+        [b't', b'T'],
+        "ParameterDescription and RowDescription, nothing else"
+    );
+    let now = a.query("SELECT pg_backend_pid()").await;
+    let pid = |msgs: &[common::raw::Msg]| {
+        msgs.iter()
+            .find(|m| m.tag == b'D')
+            .map(|m| String::from_utf8_lossy(&m.body[6..]).into_owned())
+    };
+    assert_ne!(
+        pid(&now),
+        Some(held_pid.to_string()),
+        "the describe ran on the other connection"
+    );
+    b.batch_execute("COMMIT").await.unwrap();
+}
+
+#[tokio::test]
+async fn session_settings_follow_their_client_and_never_leak() {
+    let proxy = start_proxy(primary_only(1)).await;
+    let a = proxy.connect().await;
+    let b = proxy.connect().await;
+    let default_path = show(&b, "search_path").await;
+    a.batch_execute("SET search_path = pg_catalog, public")
+        .await
+        .unwrap();
+    a.batch_execute("SET application_name = 'client_a'")
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        assert_eq!(show(&a, "search_path").await, "pg_catalog, public");
+        assert_eq!(show(&b, "search_path").await, default_path);
+        assert_eq!(show(&a, "application_name").await, "client_a");
+        assert_ne!(show(&b, "application_name").await, "client_a");
+    }
+    // Both clients share the single server connection the whole time.
+    let opened: usize = proxy.shared.pools.all().iter().map(|p| p.opened()).sum();
+    assert_eq!(opened, 1);
+    a.batch_execute("RESET search_path").await.unwrap();
+    assert_eq!(show(&a, "search_path").await, default_path);
+    a.batch_execute("BEGIN; SET search_path = nowhere; ROLLBACK")
+        .await
+        .unwrap();
+    assert_eq!(
+        show(&a, "search_path").await,
+        default_path,
+        "a rolled-back SET is forgotten"
+    );
+    a.batch_execute("SET LOCAL work_mem = '1MB'")
+        .await
+        .unwrap_or(());
+    a.batch_execute("RESET ALL").await.unwrap();
+    assert_ne!(show(&a, "application_name").await, "client_a");
+}
+
+#[tokio::test]
+async fn deallocate_all_then_prepare_again() {
+    let proxy = start_proxy(primary_only(2)).await;
+    let client = proxy.connect().await;
+    let stmt = client.prepare("SELECT 40 + $1::int").await.unwrap();
+    assert_eq!(
+        client
+            .query_one(&stmt, &[&2i32])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        42
+    );
+    client.batch_execute("DEALLOCATE ALL").await.unwrap();
+    let err = client.query_one(&stmt, &[&2i32]).await.unwrap_err();
+    assert_eq!(
+        err.code().map(|c| c.code()),
+        Some("26000"),
+        "as PostgreSQL: the statement is gone"
+    );
+    let again = client.prepare("SELECT 40 + $1::int").await.unwrap();
+    assert_eq!(
+        client
+            .query_one(&again, &[&3i32])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        43
+    );
+    client.batch_execute("DISCARD ALL").await.unwrap();
+    let fresh = client.prepare("SELECT 1::int").await.unwrap();
+    assert_eq!(
+        client
+            .query_one(&fresh, &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        1
+    );
+}
+
+#[tokio::test]
+async fn session_mode_shows_the_real_backend() {
+    let proxy = start_proxy(config(cluster(), |c| c.proxy.pool_mode = PoolMode::Session)).await;
+    let mut raw = Raw::login(proxy.port(), DEMO_USER, DEMO_PASSWORD, DEMO_DATABASE).await;
+    let key_pid = raw.key_pid.expect("BackendKeyData");
+    assert_eq!(raw.param("client_encoding").as_deref(), Some("UTF8"));
+    let rows = raw.query("SELECT pg_backend_pid()").await;
+    let row = rows.iter().find(|m| m.tag == b'D').expect("a row");
+    let pid: i32 = String::from_utf8_lossy(&row.body[6..]).parse().unwrap();
+    assert_eq!(pid, key_pid, "the client sees its server's own process id");
+}
