@@ -7,13 +7,18 @@ use tokio_util::codec::Decoder;
 
 use super::{Frame, FrameCodec, ProtocolError};
 
+/// Read size while a message is streaming in.
 const READ_CHUNK: usize = 16 * 1024;
+/// Buffer kept while waiting at a message boundary: idle connections stay cheap.
+const IDLE_BUF: usize = 1024;
 
 /// Reads whole frames from `R`. `next()` is cancel-safe: bytes already read stay buffered.
 pub struct MessageReader<R> {
     inner: R,
     buf: BytesMut,
     codec: FrameCodec,
+    /// The last read filled the buffer: data is streaming, read in big chunks.
+    streaming: bool,
 }
 
 impl<R: AsyncRead + Unpin> MessageReader<R> {
@@ -22,6 +27,7 @@ impl<R: AsyncRead + Unpin> MessageReader<R> {
             inner,
             buf,
             codec: FrameCodec::new(max_body),
+            streaming: false,
         }
     }
 
@@ -31,10 +37,20 @@ impl<R: AsyncRead + Unpin> MessageReader<R> {
             if let Some(frame) = self.codec.decode(&mut self.buf)? {
                 return Ok(Some(frame));
             }
-            if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
+            if self.buf.is_empty() && !self.streaming {
+                // At a message boundary with nothing pending: keep only a small buffer.
+                if self.buf.capacity() > 4 * READ_CHUNK {
+                    self.buf = BytesMut::new();
+                }
+                self.buf.reserve(IDLE_BUF);
+            } else if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
                 self.buf.reserve(READ_CHUNK);
             }
-            if self.inner.read_buf(&mut self.buf).await? == 0 {
+            let spare = self.buf.capacity() - self.buf.len();
+            let n = self.inner.read_buf(&mut self.buf).await?;
+            // A read that filled the buffer means more is coming: read big chunks next.
+            self.streaming = n == spare;
+            if n == 0 {
                 return if self.buf.is_empty() {
                     Ok(None)
                 } else {
