@@ -60,29 +60,31 @@ fn load(path: Option<PathBuf>) -> Result<Config, String> {
     Config::load(&path).map_err(|e| e.to_string())
 }
 
+fn runtime(worker_threads: usize) -> Result<tokio::runtime::Runtime, String> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if worker_threads > 0 {
+        builder.worker_threads(worker_threads);
+    }
+    builder
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("pgpilot: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     let result = match cli.command.unwrap_or(Cmd::Run) {
         Cmd::Check => load(cli.config).map(|c| print!("{}", c.to_masked_toml())),
         Cmd::Run => load(cli.config).and_then(|config| {
-            runtime
+            runtime(config.proxy.worker_threads)?
                 .block_on(pgpilot::app::run(config, pgpilot::app::shutdown_signal()))
                 .map_err(|e| e.to_string())
         }),
-        Cmd::Demo { port } => runtime
-            .block_on(pgpilot::demo::run(port))
-            .map_err(|e| e.to_string()),
+        Cmd::Demo { port } => runtime(0).and_then(|rt| {
+            rt.block_on(pgpilot::demo::run(port))
+                .map_err(|e| e.to_string())
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

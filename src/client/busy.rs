@@ -193,7 +193,10 @@ impl Drive<'_> {
                 _ = sleep_until_opt(deadline) => Event::Forced,
                 _ = txn.shared.shutdown.cancelled(), if deadline.is_none() => Event::ShutdownStarted,
                 r = server.next() => Event::Server(r),
-                r = txn.reader.next(), if deferred.is_none() => Event::Client(r),
+                // While an answer is on its way the client is not polled (each poll would cost a
+                // read that finds nothing); pipelined requests wait in the socket meanwhile.
+                r = txn.reader.next(), if deferred.is_none()
+                    && (self.outstanding == 0 || self.copy_in || self.partial) => Event::Client(r),
             };
             match event {
                 Event::Forced => return (BusyEnd::Shutdown, Disposal::Close),

@@ -257,6 +257,7 @@ where
         cancel,
         queue: Default::default(),
         incoming: Default::default(),
+        pools: vec![None; config.nodes.len()],
     };
     let result = txn.run().await;
     shared.cancels.unregister(key);

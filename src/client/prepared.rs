@@ -27,19 +27,15 @@ pub struct StatementClass {
 
 impl StatementClass {
     pub fn of(sql: &str, rules: &FunctionRules) -> Self {
-        let a = analyze(sql, rules);
-        let first = crate::router::lexer::Lexer::new(sql).next();
-        let ends_tx = a.statements == 1
-            && first.is_some_and(|t| {
-                ["rollback", "commit", "abort", "end"]
-                    .iter()
-                    .any(|k| t.is_word(k))
-            });
+        Self::from_analysis(&analyze(sql, rules))
+    }
+
+    pub fn from_analysis(a: &crate::router::classify::Analysis<'_>) -> Self {
         StatementClass {
             read_only: a.read_only,
             begin: a.begin,
             pins: a.pins,
-            ends_tx,
+            ends_tx: a.ends_tx,
         }
     }
 }

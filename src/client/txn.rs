@@ -59,6 +59,8 @@ pub(super) struct Txn<'a, R, W> {
     pub queue: std::collections::VecDeque<Unit>,
     /// A request whose messages are still arriving.
     pub incoming: Unit,
+    /// This client's pool on each node (index in the node list), looked up once.
+    pub pools: Vec<Option<Arc<crate::pool::Pool>>>,
 }
 
 /// How serving on one borrowed connection ended.
@@ -310,11 +312,21 @@ where
     }
 
     /// Borrows a connection on `node` and brings its settings in line with this client's.
-    async fn checkout(&self, node: usize, on_replica: bool) -> Result<Held<'a>, ClientError> {
+    async fn checkout(&mut self, node: usize, on_replica: bool) -> Result<Held<'a>, ClientError> {
         let shared: &'a Shared = self.shared;
         let view = shared.cluster.view();
         let status = view.nodes.get(node).ok_or(ClientError::NoNode("node"))?;
-        let pool = super::pool_for(self.shared, &self.config, status, self.database, self.user);
+        let pool = match self.pools.get(node).and_then(Option::as_ref) {
+            Some(p) => p.clone(),
+            None => {
+                let p =
+                    super::pool_for(self.shared, &self.config, status, self.database, self.user);
+                if let Some(slot) = self.pools.get_mut(node) {
+                    *slot = Some(p.clone());
+                }
+                p
+            }
+        };
         let mut conn = pool
             .checkout(self.config.proxy.query_wait_timeout.0)
             .await?;

@@ -5,9 +5,9 @@
 use crate::protocol::frontend;
 use crate::protocol::{Frame, ProtocolError};
 use crate::router::Intent;
-use crate::router::classify::{FunctionRules, Route, SessionChange, analyze};
+use crate::router::classify::{Analysis, FunctionRules, Route, SessionChange, analyze};
 
-use super::prepared::{ClientStatements, StatementClass, bind_statement, parse_query};
+use super::prepared::{ClientStatements, bind_statement, parse_query};
 
 /// Messages routed together.
 #[derive(Debug, Default)]
@@ -90,17 +90,8 @@ pub struct Meaning {
     pub route_setting_only: Option<Option<Route>>,
 }
 
-/// The routing facts of one SQL text.
-struct Facts {
-    read_only: bool,
-    begin: Option<bool>,
-    hint: Option<Route>,
-    pins: bool,
-    route_setting: Option<Route>,
-    statements: usize,
-}
-
-fn changes_of(sql: &str, rules: &FunctionRules, out: &mut Vec<Change>) -> Facts {
+/// Records the session changes a statement text makes; returns its classification.
+fn changes_of<'s>(sql: &'s str, rules: &FunctionRules, out: &mut Vec<Change>) -> Analysis<'s> {
     let a = analyze(sql, rules);
     for c in &a.changes {
         out.push(match c {
@@ -135,14 +126,7 @@ fn changes_of(sql: &str, rules: &FunctionRules, out: &mut Vec<Change>) -> Facts 
     if a.pins {
         out.push(Change::Pin);
     }
-    Facts {
-        read_only: a.read_only,
-        begin: a.begin,
-        hint: a.hint,
-        pins: a.pins,
-        route_setting: a.route_setting,
-        statements: a.statements,
-    }
+    a
 }
 
 /// Works out what `unit` means for this client.
@@ -161,12 +145,11 @@ pub fn meaning(unit: &Unit, statements: &ClientStatements, rules: &FunctionRules
             frontend::QUERY => {
                 let sql = frontend::parse_query(f).unwrap_or_default();
                 let a = changes_of(sql, rules, &mut m.changes);
-                let class = StatementClass::of(sql, rules);
                 m.intent.read_only &= a.read_only;
                 m.intent.begin = m.intent.begin.or(a.begin);
                 m.intent.hint = m.intent.hint.or(a.hint);
                 m.intent.sticky |= a.pins;
-                m.ends_tx_only &= class.ends_tx;
+                m.ends_tx_only &= a.ends_tx;
                 saw_statement = true;
                 if a.statements == 1 && is_route_set(sql) {
                     m.route_setting_only = Some(a.route_setting);
@@ -175,12 +158,11 @@ pub fn meaning(unit: &Unit, statements: &ClientStatements, rules: &FunctionRules
             frontend::PARSE => {
                 let sql = parse_query(f).map(|(_, q)| q).unwrap_or_default();
                 let a = changes_of(sql, rules, &mut m.changes);
-                let class = StatementClass::of(sql, rules);
                 m.intent.read_only &= a.read_only;
                 m.intent.begin = m.intent.begin.or(a.begin);
                 m.intent.hint = m.intent.hint.or(a.hint);
                 m.intent.sticky |= a.pins;
-                m.ends_tx_only &= class.ends_tx;
+                m.ends_tx_only &= a.ends_tx;
                 saw_statement = true;
             }
             frontend::BIND => {

@@ -98,6 +98,8 @@ pub struct ProxyConfig {
     pub auth_type: AuthType,
     /// Prepared statements kept per server connection (LRU, closed on eviction).
     pub max_prepared_statements: usize,
+    /// Runtime worker threads; 0 means one per CPU core.
+    pub worker_threads: usize,
     /// How long a graceful shutdown lets open transactions finish before `57P01`.
     pub shutdown_timeout: Dur,
     pub client_tls_mode: ClientTlsMode,
@@ -124,6 +126,7 @@ impl Default for ProxyConfig {
             max_message_size: ByteSize(64 << 20),
             auth_type: AuthType::ScramSha256,
             max_prepared_statements: 200,
+            worker_threads: 0,
             shutdown_timeout: Dur::secs(30),
             client_tls_mode: ClientTlsMode::Disable,
             client_tls_cert: None,

@@ -54,6 +54,8 @@ pub struct Analysis<'a> {
     /// Session changes in statement order (at most a few; more are summarised by `pins`).
     pub changes: Vec<SessionChange<'a>>,
     pub statements: usize,
+    /// A single ROLLBACK / COMMIT / ABORT / END.
+    pub ends_tx: bool,
 }
 
 /// Functions that make an otherwise read-only statement a write.
@@ -302,6 +304,7 @@ pub fn analyze<'a>(sql: &'a str, rules: &FunctionRules) -> Analysis<'a> {
         pins: false,
         changes: Vec::new(),
         statements: 0,
+        ends_tx: false,
     };
     let mut scan = Scan::default();
     loop {
@@ -325,6 +328,7 @@ pub fn analyze<'a>(sql: &'a str, rules: &FunctionRules) -> Analysis<'a> {
         // Empty text is harmless anywhere.
         a.read_only = true;
     }
+    a.ends_tx &= a.statements == 1;
     a
 }
 
@@ -348,7 +352,10 @@ fn finish<'a>(a: &mut Analysis<'a>, s: &Scan<'a>, sql: &'a str) {
             a.begin = Some(s.read_only_words && !s.read_write_words);
             true
         }
-        "commit" | "end" | "rollback" | "abort" => true,
+        "commit" | "end" | "rollback" | "abort" => {
+            a.ends_tx = true;
+            true
+        }
         "set" => classify_set(a, s, text),
         "reset" => {
             if s.is(1, "all") {
