@@ -5,7 +5,7 @@
 //!                                          │ startup: SSLRequest / GSSENCRequest / CancelRequest
 //!                                          │ auth (SCRAM-SHA-256, md5, trust)
 //!                                          ▼
-//!                                     session ── router ── pool(node, db, user) ── server ──▶ PostgreSQL
+//!                                 per request: classify ── router ── pool(node, db, user) ── server ──▶ PostgreSQL
 //!                                          ▲         ▲
 //!                                          │         └── ClusterView snapshot (ArcSwap)
 //!                                          │                      ▲
@@ -18,6 +18,16 @@
 //! - [`cluster`]: the topology snapshot and probes; [`router`]: where work goes.
 //! - [`config`]: the TOML surface; [`net`]: sockets and TLS; [`app`]: wiring and shutdown.
 //! - [`devcluster`]: a local primary + replicas for the demo, tests and benches.
+//!
+//! Transaction pooling (the default) lives in `client::txn` (routing loop), `client::busy`
+//! (one borrowed connection), `client::unit` (requests and what they mean),
+//! `client::prepared` (statement renaming and re-Parse) and `client::settings`; session pooling
+//! is the plain relay in `client::relay`.
+//!
+//! Dependencies differ from the design's first list in one place: pgwire is not used. The
+//! server side of SCRAM is a small sans-IO module (`auth::scram`) over hmac/sha2/base64, which
+//! postgres-protocol already brings in, tested against postgres-protocol's client; the
+//! proxy owns the whole startup phase and the wire encoders it needs.
 
 #![forbid(unsafe_code)]
 #![warn(rust_2018_idioms, unused_qualifications)]
