@@ -27,6 +27,23 @@ async fn read_port(client: &Client) -> u16 {
     row.get::<_, i32>(0) as u16
 }
 
+/// Inserts each id and reads it straight back; returns how many reads saw their row.
+async fn write_then_read(client: &Client, ids: std::ops::Range<i32>) -> i64 {
+    let mut seen = 0;
+    for i in ids {
+        client
+            .execute("INSERT INTO ryw VALUES ($1)", &[&i])
+            .await
+            .unwrap();
+        let row = client
+            .query_one("SELECT count(*) FROM ryw WHERE id = $1", &[&i])
+            .await
+            .unwrap();
+        seen += row.get::<_, i64>(0);
+    }
+    seen
+}
+
 fn replay(i: usize, resume: bool) {
     let f = if resume {
         "pg_wal_replay_resume()"
@@ -98,20 +115,7 @@ async fn read_your_writes_with_replay_paused_on_every_replica() {
     replay(2, false);
 
     let proxy = start_proxy(config(c, |_| {})).await;
-    let client = proxy.connect().await;
-    let mut seen = 0;
-    for i in 0..100 {
-        client
-            .execute("INSERT INTO ryw VALUES ($1)", &[&i])
-            .await
-            .unwrap();
-        let n: i64 = client
-            .query_one("SELECT count(*) FROM ryw WHERE id = $1", &[&i])
-            .await
-            .unwrap()
-            .get(0);
-        seen += n;
-    }
+    let seen = write_then_read(&proxy.connect().await, 0..100).await;
     assert_eq!(
         seen, 100,
         "every write was visible to the read that followed it"
@@ -122,20 +126,7 @@ async fn read_your_writes_with_replay_paused_on_every_replica() {
         cfg.cluster.read_your_writes = ReadYourWrites::Off
     }))
     .await;
-    let client = off.connect().await;
-    let mut missed = 0;
-    for i in 1000..1020 {
-        client
-            .execute("INSERT INTO ryw VALUES ($1)", &[&i])
-            .await
-            .unwrap();
-        let n: i64 = client
-            .query_one("SELECT count(*) FROM ryw WHERE id = $1", &[&i])
-            .await
-            .unwrap()
-            .get(0);
-        missed += 1 - n;
-    }
+    let missed = 20 - write_then_read(&off.connect().await, 1000..1020).await;
     replay(1, true);
     replay(2, true);
     assert!(missed > 0, "the control run should read stale replicas");

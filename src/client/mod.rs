@@ -140,11 +140,7 @@ where
     R: tokio::io::AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let target = if db.routing == Routing::Replica {
-        Target::Replica
-    } else {
-        Target::Primary
-    };
+    let target = session_target(db);
     let mut pooled = checkout(shared, config, target, &db.name, user).await?;
     apply_settings(&mut pooled, startup).await?;
     let conn = pooled.conn();
@@ -204,11 +200,7 @@ where
     R: tokio::io::AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let target = if db.routing == Routing::Replica {
-        Target::Replica
-    } else {
-        Target::Primary
-    };
+    let target = session_target(db);
     // Any healthy node can describe the session: when the preferred kind is down, take the
     // other.
     let mut pooled = match checkout(shared, config, target, &db.name, user).await {
@@ -262,6 +254,15 @@ where
     let result = txn.run().await;
     shared.cancels.unregister(key);
     result
+}
+
+/// Where a session (or the startup handshake) goes: a replica only for `routing = "replica"`.
+fn session_target(db: &DatabaseConfig) -> Target {
+    if db.routing == Routing::Replica {
+        Target::Replica
+    } else {
+        Target::Primary
+    }
 }
 
 /// The pool for (node, database, user), created on first use.

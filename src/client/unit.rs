@@ -142,8 +142,12 @@ pub fn meaning(unit: &Unit, statements: &ClientStatements, rules: &FunctionRules
     let mut saw_statement = false;
     for f in &unit.frames {
         match f.tag {
-            frontend::QUERY => {
-                let sql = frontend::parse_query(f).unwrap_or_default();
+            frontend::QUERY | frontend::PARSE => {
+                let sql = if f.tag == frontend::QUERY {
+                    frontend::parse_query(f).unwrap_or_default()
+                } else {
+                    parse_query(f).map(|(_, q)| q).unwrap_or_default()
+                };
                 let a = changes_of(sql, rules, &mut m.changes);
                 m.intent.read_only &= a.read_only;
                 m.intent.begin = m.intent.begin.or(a.begin);
@@ -151,19 +155,9 @@ pub fn meaning(unit: &Unit, statements: &ClientStatements, rules: &FunctionRules
                 m.intent.sticky |= a.pins;
                 m.ends_tx_only &= a.ends_tx;
                 saw_statement = true;
-                if a.statements == 1 && is_route_set(sql) {
+                if f.tag == frontend::QUERY && a.statements == 1 && is_route_set(sql) {
                     m.route_setting_only = Some(a.route_setting);
                 }
-            }
-            frontend::PARSE => {
-                let sql = parse_query(f).map(|(_, q)| q).unwrap_or_default();
-                let a = changes_of(sql, rules, &mut m.changes);
-                m.intent.read_only &= a.read_only;
-                m.intent.begin = m.intent.begin.or(a.begin);
-                m.intent.hint = m.intent.hint.or(a.hint);
-                m.intent.sticky |= a.pins;
-                m.ends_tx_only &= a.ends_tx;
-                saw_statement = true;
             }
             frontend::BIND => {
                 let class = bind_statement(f).ok().and_then(|name| {
