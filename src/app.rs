@@ -129,6 +129,7 @@ impl Proxy {
         shared
             .cluster
             .spawn_probes(&shared.config().cluster, &background, &probes);
+        background.spawn(maintain_pools(shared.clone(), probes.clone()));
         info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "pgpilot listening");
         tokio::pin!(shutdown);
         loop {
@@ -159,6 +160,22 @@ impl Proxy {
         background.close();
         let _ = tokio::time::timeout(Duration::from_secs(2), background.wait()).await;
         info!("pgpilot stopped");
+    }
+}
+
+/// Every second: closes idle server connections past their limits and keeps
+/// `min_pool_size` open in every pool that exists.
+async fn maintain_pools(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for pool in shared.pools.all() {
+            pool.maintain().await;
+        }
     }
 }
 

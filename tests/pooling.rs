@@ -205,3 +205,49 @@ async fn session_mode_shows_the_real_backend() {
     let pid: i32 = String::from_utf8_lossy(&row.body[6..]).parse().unwrap();
     assert_eq!(pid, key_pid, "the client sees its server's own process id");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn min_pool_size_stays_warm_and_idle_connections_expire() {
+    let proxy = start_proxy(config(cluster(), |c| {
+        c.proxy.pool_size = 5;
+        c.proxy.min_pool_size = 2;
+        c.proxy.server_idle_timeout = pgpilot::config::Dur::secs(1);
+        c.databases[0].routing = Routing::Primary;
+    }))
+    .await;
+    let first = proxy.connect().await;
+    let shared = proxy.shared.clone();
+    let open = move || shared.pools.all().iter().map(|p| p.open()).sum::<usize>();
+    let o = open.clone();
+    common::eventually(
+        std::time::Duration::from_secs(10),
+        "two warm connections",
+        move || {
+            let n = o();
+            async move { n == 2 }
+        },
+    )
+    .await;
+    // A burst opens more; once idle past server_idle_timeout they close, down to the minimum.
+    let mut busy = vec![first];
+    for _ in 0..4 {
+        busy.push(proxy.connect().await);
+    }
+    for c in &busy {
+        c.batch_execute("BEGIN").await.unwrap();
+    }
+    assert_eq!(open(), 5);
+    for c in &busy {
+        c.batch_execute("COMMIT").await.unwrap();
+    }
+    let o = open.clone();
+    common::eventually(
+        std::time::Duration::from_secs(10),
+        "back to the minimum",
+        move || {
+            let n = o();
+            async move { n == 2 }
+        },
+    )
+    .await;
+}

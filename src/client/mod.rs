@@ -299,6 +299,7 @@ pub(crate) fn pool_for(
         };
         let settings = PoolSettings {
             size: config.proxy.pool_size,
+            min_size: config.proxy.min_pool_size,
             idle_timeout: config.proxy.server_idle_timeout.0,
             lifetime: config.proxy.server_lifetime.0,
         };

@@ -32,6 +32,8 @@ pub enum PoolError {
 #[derive(Debug, Clone, Copy)]
 pub struct PoolSettings {
     pub size: usize,
+    /// Server connections kept open even when idle (topped up by `maintain`).
+    pub min_size: usize,
     pub idle_timeout: Duration,
     pub lifetime: Duration,
 }
@@ -44,6 +46,8 @@ pub struct Pool {
     idle: Mutex<Vec<ServerConn>>,
     /// Server connections opened over the pool's life.
     opened: AtomicUsize,
+    /// Server connections closed over the pool's life.
+    closed: AtomicUsize,
 }
 
 impl Pool {
@@ -55,6 +59,7 @@ impl Pool {
             settings,
             idle: Mutex::new(Vec::new()),
             opened: AtomicUsize::new(0),
+            closed: AtomicUsize::new(0),
         })
     }
 
@@ -72,6 +77,7 @@ impl Pool {
             let expired = now.duration_since(conn.created) >= self.settings.lifetime
                 || now.duration_since(conn.last_used) >= self.settings.idle_timeout;
             if expired || conn.is_dead() {
+                self.closed.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(conn.close());
                 continue;
             }
@@ -93,6 +99,52 @@ impl Pool {
     /// Server connections opened so far.
     pub fn opened(&self) -> usize {
         self.opened.load(Ordering::Relaxed)
+    }
+
+    /// Server connections open now (idle or in use).
+    pub fn open(&self) -> usize {
+        self.opened()
+            .saturating_sub(self.closed.load(Ordering::Relaxed))
+    }
+
+    /// Closes idle connections past `server_idle_timeout` or `server_lifetime` (keeping
+    /// `min_pool_size`) and opens connections up to `min_pool_size`.
+    pub async fn maintain(self: &Arc<Self>) {
+        let now = Instant::now();
+        let stale: Vec<ServerConn> = {
+            let mut idle = self.idle.lock();
+            let open = self.open();
+            let mut keep = Vec::with_capacity(idle.len());
+            let mut stale = Vec::new();
+            for conn in idle.drain(..) {
+                let too_old = now.duration_since(conn.created) >= self.settings.lifetime;
+                let unused = now.duration_since(conn.last_used) >= self.settings.idle_timeout;
+                let above_min = open.saturating_sub(stale.len()) > self.settings.min_size;
+                if too_old || conn.is_dead() || (unused && above_min) {
+                    stale.push(conn);
+                } else {
+                    keep.push(conn);
+                }
+            }
+            *idle = keep;
+            stale
+        };
+        self.closed.fetch_add(stale.len(), Ordering::Relaxed);
+        for conn in stale {
+            conn.close().await;
+        }
+        while self.open() < self.settings.min_size.min(self.settings.size) {
+            match ServerConn::connect(&self.connect).await {
+                Ok(conn) => {
+                    self.opened.fetch_add(1, Ordering::Relaxed);
+                    self.check_in(conn);
+                }
+                Err(e) => {
+                    tracing::debug!(pool = %self.key.node, error = %e, "could not pre-open a server connection");
+                    break;
+                }
+            }
+        }
     }
 
     pub fn idle_count(&self) -> usize {
@@ -138,7 +190,10 @@ impl PooledConn {
                 conn.forget_session_state(true);
                 self.pool.check_in(conn);
             }
-            _ => conn.close().await,
+            _ => {
+                self.pool.closed.fetch_add(1, Ordering::Relaxed);
+                conn.close().await;
+            }
         }
     }
 
@@ -153,7 +208,17 @@ impl PooledConn {
     /// Closes the connection instead of returning it.
     pub async fn discard(mut self) {
         if let Some(conn) = self.conn.take() {
+            self.pool.closed.fetch_add(1, Ordering::Relaxed);
             conn.close().await;
+        }
+    }
+}
+
+impl Drop for PooledConn {
+    /// A guard dropped without `release`, `give_back` or `discard` closes its connection.
+    fn drop(&mut self) {
+        if self.conn.take().is_some() {
+            self.pool.closed.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
