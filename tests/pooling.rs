@@ -251,3 +251,30 @@ async fn min_pool_size_stays_warm_and_idle_connections_expire() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_set_prepared_once_and_executed_by_name_is_tracked() {
+    let proxy = start_proxy(primary_only(1)).await;
+    let a = proxy.connect().await;
+    let b = proxy.connect().await;
+    let default_path = show(&b, "search_path").await;
+    let set = a
+        .prepare("SET search_path = pg_catalog, public")
+        .await
+        .unwrap();
+    let other = a.prepare("SELECT 1").await.unwrap();
+    a.query(&other, &[]).await.unwrap();
+    a.execute(&set, &[]).await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(
+            show(&b, "search_path").await,
+            default_path,
+            "nothing leaks to b"
+        );
+        assert_eq!(
+            show(&a, "search_path").await,
+            "pg_catalog, public",
+            "a keeps its setting"
+        );
+    }
+}

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use bytes::{BufMut, BytesMut};
 
+use super::unit::{Change, changes_of};
 use crate::protocol::codec::{get_cstr, put_cstr, write_message};
 use crate::protocol::frontend;
 use crate::protocol::{Frame, ProtocolError};
@@ -46,6 +47,9 @@ pub struct Statement {
     /// The Parse message as sent to servers (with `server_name`).
     pub parse: BytesMut,
     pub class: StatementClass,
+    /// Session changes the statement makes each time it is executed (`SET ...` prepared once
+    /// and executed by name).
+    pub changes: Vec<Change>,
 }
 
 /// One client's statements.
@@ -263,13 +267,16 @@ impl Rewriter<'_> {
         match frame.tag {
             frontend::PARSE => {
                 let p = parse_view(&frame)?;
-                let class = StatementClass::of(p.query, self.rules);
+                let mut changes = Vec::new();
+                let class =
+                    StatementClass::from_analysis(&changes_of(p.query, self.rules, &mut changes));
                 if p.name.is_empty() {
                     self.client.seq += 1;
                     let stmt = Statement {
                         server_name: String::new(),
                         parse: BytesMut::from(frame.raw()),
                         class,
+                        changes,
                     };
                     self.client.unnamed = Some((self.client.seq, Arc::new(stmt)));
                     self.server.unnamed_owner = Some((self.client.client_id, self.client.seq));
@@ -302,6 +309,7 @@ impl Rewriter<'_> {
                     server_name,
                     parse,
                     class,
+                    changes,
                 };
                 self.client.named.insert(p.name.to_owned(), Arc::new(stmt));
             }

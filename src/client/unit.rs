@@ -91,7 +91,11 @@ pub struct Meaning {
 }
 
 /// Records the session changes a statement text makes; returns its classification.
-fn changes_of<'s>(sql: &'s str, rules: &FunctionRules, out: &mut Vec<Change>) -> Analysis<'s> {
+pub(super) fn changes_of<'s>(
+    sql: &'s str,
+    rules: &FunctionRules,
+    out: &mut Vec<Change>,
+) -> Analysis<'s> {
     let a = analyze(sql, rules);
     for c in &a.changes {
         out.push(match c {
@@ -160,17 +164,20 @@ pub fn meaning(unit: &Unit, statements: &ClientStatements, rules: &FunctionRules
                 }
             }
             frontend::BIND => {
-                let class = bind_statement(f).ok().and_then(|name| {
+                let earlier = bind_statement(f).ok().and_then(|name| {
                     let parsed_here = unit.frames.iter().any(|p| {
                         p.tag == frontend::PARSE && parse_query(p).is_ok_and(|(n, _)| n == name)
                     });
                     if parsed_here {
                         None
                     } else {
-                        statements.get(name).map(|s| s.class)
+                        statements.get(name).cloned()
                     }
                 });
-                if let Some(class) = class {
+                if let Some(stmt) = earlier {
+                    // Executing a statement prepared earlier makes its session changes now.
+                    m.changes.extend(stmt.changes.iter().cloned());
+                    let class = stmt.class;
                     m.intent.read_only &= class.read_only;
                     m.intent.begin = m.intent.begin.or(class.begin);
                     m.ends_tx_only &= class.ends_tx;
