@@ -68,11 +68,6 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let backup = if may_retry {
-        first.duplicate().ok()
-    } else {
-        None
-    };
     let on_replica = held.on_replica;
     let (end, disposal) = {
         let conn = held.conn.conn();
@@ -107,7 +102,7 @@ where
             on_replica,
         };
         let result = drive
-            .run(txn, &mut server, first, first_meaning, backup)
+            .run(txn, &mut server, first, first_meaning, may_retry)
             .await;
         *buf = server.into_parts().1;
         result
@@ -153,21 +148,22 @@ impl Drive<'_> {
         server: &mut MessageReader<ReadHalf<&mut ServerStream>>,
         first: Unit,
         first_meaning: &Meaning,
-        backup: Option<Unit>,
+        may_retry: bool,
     ) -> (BusyEnd, Disposal)
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        if let Err(e) = self.send(txn, first, first_meaning, backup).await {
+        if let Err(e) = self.send(txn, first, first_meaning, may_retry).await {
             return self.lost(txn, e);
         }
-        let mut deferred: Option<Unit> = None;
+        // A request that must be routed afresh waits on the session queue; stop reading.
+        let mut deferred = false;
         let mut deadline: Option<Instant> = None;
         loop {
             if self.outstanding == 0 && !self.partial && !self.copy_in {
                 let idle = txn.status == TxStatus::Idle;
-                if deferred.take().is_some() {
+                if std::mem::take(&mut deferred) {
                     if idle {
                         return (BusyEnd::Released, self.idle_disposal(txn));
                     }
@@ -176,7 +172,7 @@ impl Drive<'_> {
                         continue;
                     };
                     let m = meaning(&u, &txn.statements, &txn.rules);
-                    if let Err(e) = self.send(txn, u, &m, None).await {
+                    if let Err(e) = self.send(txn, u, &m, false).await {
                         return self.lost(txn, e);
                     }
                     continue;
@@ -195,7 +191,7 @@ impl Drive<'_> {
                 r = server.next() => Event::Server(r),
                 // While an answer is on its way the client is not polled (each poll would cost a
                 // read that finds nothing); pipelined requests wait in the socket meanwhile.
-                r = txn.reader.next(), if deferred.is_none()
+                r = txn.reader.next(), if !deferred
                     && (self.outstanding == 0 || self.copy_in || self.partial) => Event::Client(r),
             };
             match event {
@@ -257,7 +253,7 @@ impl Drive<'_> {
                     if self.on_replica && !in_tx && !txn.pinned && wants_primary {
                         // Not sent anywhere yet: queued on the session, served after this.
                         txn.queue.push_back(unit);
-                        deferred = Some(Unit::default());
+                        deferred = true;
                         continue;
                     }
                     let retryable = self.on_replica
@@ -265,12 +261,7 @@ impl Drive<'_> {
                         && m.intent.read_only
                         && m.intent.begin.is_none()
                         && !unit.is_partial();
-                    let backup = if retryable {
-                        unit.duplicate().ok()
-                    } else {
-                        None
-                    };
-                    if let Err(e) = self.send(txn, unit, &m, backup).await {
+                    if let Err(e) = self.send(txn, unit, &m, retryable).await {
                         return self.lost(txn, e);
                     }
                 }
@@ -284,7 +275,7 @@ impl Drive<'_> {
         txn: &mut Txn<'_, R, W>,
         unit: Unit,
         m: &Meaning,
-        backup: Option<Unit>,
+        retryable: bool,
     ) -> Result<(), String> {
         let readies = unit.readies();
         let partial = unit.is_partial();
@@ -296,8 +287,9 @@ impl Drive<'_> {
                 expect: &mut self.expect,
                 rules: &txn.rules,
                 max_prepared: txn.config.proxy.max_prepared_statements,
+                parsed: m.parsed.iter(),
             };
-            for f in unit.frames {
+            for f in &unit.frames {
                 rw.push(f, &mut out).map_err(|e| e.to_string())?;
             }
         }
@@ -308,7 +300,8 @@ impl Drive<'_> {
             self.carry.append(&mut changes);
         } else {
             changes.splice(0..0, std::mem::take(&mut self.carry));
-            let mut backup = if readies == 1 { backup } else { None };
+            // The request itself is the backup when it may be retried elsewhere.
+            let mut backup = (retryable && readies == 1).then_some(unit);
             for i in 0..readies {
                 let last = i + 1 == readies;
                 let changes = if last {

@@ -14,7 +14,7 @@ use super::unit::{Change, changes_of};
 use crate::protocol::codec::{get_cstr, put_cstr, write_message};
 use crate::protocol::frontend;
 use crate::protocol::{Frame, ProtocolError};
-use crate::router::classify::{FunctionRules, analyze};
+use crate::router::classify::FunctionRules;
 
 /// What routing needs to know about a statement, computed once at Parse.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,8 +27,9 @@ pub struct StatementClass {
 }
 
 impl StatementClass {
+    #[cfg(test)]
     pub fn of(sql: &str, rules: &FunctionRules) -> Self {
-        Self::from_analysis(&analyze(sql, rules))
+        Self::from_analysis(&crate::router::classify::analyze(sql, rules))
     }
 
     pub fn from_analysis(a: &crate::router::classify::Analysis<'_>) -> Self {
@@ -195,6 +196,15 @@ pub struct Rewriter<'a> {
     pub expect: &'a mut VecDeque<Expect>,
     pub rules: &'a FunctionRules,
     pub max_prepared: usize,
+    /// Classifications already made for the Parses being pushed, in order.
+    pub parsed: std::slice::Iter<'a, Parsed>,
+}
+
+/// What a Parse prepares: its routing class and the session changes executing it makes.
+#[derive(Debug, Clone)]
+pub struct Parsed {
+    pub class: StatementClass,
+    pub changes: Vec<Change>,
 }
 
 struct ParseView<'a> {
@@ -263,13 +273,21 @@ fn encode_target(out: &mut BytesMut, tag: u8, kind: u8, name: &str) {
 
 impl Rewriter<'_> {
     /// Appends what the server must receive for `frame` to `out`.
-    pub fn push(&mut self, frame: Frame, out: &mut BytesMut) -> Result<(), ProtocolError> {
+    pub fn push(&mut self, frame: &Frame, out: &mut BytesMut) -> Result<(), ProtocolError> {
         match frame.tag {
             frontend::PARSE => {
-                let p = parse_view(&frame)?;
-                let mut changes = Vec::new();
-                let class =
-                    StatementClass::from_analysis(&changes_of(p.query, self.rules, &mut changes));
+                let p = parse_view(frame)?;
+                let Parsed { class, changes } = match self.parsed.next() {
+                    Some(known) => known.clone(),
+                    None => {
+                        let mut changes = Vec::new();
+                        let a = changes_of(p.query, self.rules, &mut changes);
+                        Parsed {
+                            class: StatementClass::from_analysis(&a),
+                            changes,
+                        }
+                    }
+                };
                 if p.name.is_empty() {
                     self.client.seq += 1;
                     let stmt = Statement {
@@ -314,7 +332,7 @@ impl Rewriter<'_> {
                 self.client.named.insert(p.name.to_owned(), Arc::new(stmt));
             }
             frontend::BIND => {
-                let (portal, statement, rest) = bind_view(&frame)?;
+                let (portal, statement, rest) = bind_view(frame)?;
                 match self.ensure(statement, out) {
                     Some(server_name) => write_message(out, frontend::BIND, |b| {
                         put_cstr(b, portal);
@@ -324,7 +342,7 @@ impl Rewriter<'_> {
                     None => out.extend_from_slice(frame.raw()),
                 }
             }
-            frontend::DESCRIBE => match target_view(&frame)? {
+            frontend::DESCRIBE => match target_view(frame)? {
                 (b'S', name) => match self.ensure(name, out) {
                     Some(server_name) => encode_target(out, frontend::DESCRIBE, b'S', &server_name),
                     None => out.extend_from_slice(frame.raw()),
@@ -332,7 +350,7 @@ impl Rewriter<'_> {
                 _ => out.extend_from_slice(frame.raw()),
             },
             frontend::CLOSE => {
-                let (kind, name) = target_view(&frame)?;
+                let (kind, name) = target_view(frame)?;
                 let known = (kind == b'S' && !name.is_empty())
                     .then(|| self.client.named.remove(name))
                     .flatten();

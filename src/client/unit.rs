@@ -2,12 +2,12 @@
 //! extended-protocol messages up to Sync (or Flush), routed as one unit. Also what a request
 //! means for routing (`Intent`) and which session changes it makes when it succeeds.
 
+use crate::protocol::Frame;
 use crate::protocol::frontend;
-use crate::protocol::{Frame, ProtocolError};
 use crate::router::Intent;
 use crate::router::classify::{Analysis, FunctionRules, Route, SessionChange, analyze};
 
-use super::prepared::{ClientStatements, bind_statement, parse_query};
+use super::prepared::{ClientStatements, Parsed, StatementClass, bind_statement, parse_query};
 
 /// Messages routed together.
 #[derive(Debug, Default)]
@@ -53,16 +53,6 @@ impl Unit {
             _ => None,
         }
     }
-
-    /// A byte-for-byte copy, for requests that may be retried elsewhere.
-    pub fn duplicate(&self) -> Result<Unit, ProtocolError> {
-        let frames = self
-            .frames
-            .iter()
-            .map(|f| Frame::from_raw(bytes::BytesMut::from(f.raw())))
-            .collect::<Result<_, _>>()?;
-        Ok(Unit { frames })
-    }
 }
 
 /// A session change the proxy applies once the request that made it succeeds.
@@ -88,6 +78,8 @@ pub struct Meaning {
     pub ends_tx_only: bool,
     /// A lone `SET pgpilot.route = ...`: answered by the proxy.
     pub route_setting_only: Option<Option<Route>>,
+    /// What each Parse in the unit prepares, in order (so it is classified only once).
+    pub parsed: Vec<Parsed>,
 }
 
 /// Records the session changes a statement text makes; returns its classification.
@@ -152,14 +144,22 @@ pub fn meaning(unit: &Unit, statements: &ClientStatements, rules: &FunctionRules
                 } else {
                     parse_query(f).map(|(_, q)| q).unwrap_or_default()
                 };
-                let a = changes_of(sql, rules, &mut m.changes);
+                let mut own = Vec::new();
+                let a = changes_of(sql, rules, &mut own);
+                m.changes.extend(own.iter().cloned());
+                if f.tag == frontend::PARSE {
+                    m.parsed.push(Parsed {
+                        class: StatementClass::from_analysis(&a),
+                        changes: own,
+                    });
+                }
                 m.intent.read_only &= a.read_only;
                 m.intent.begin = m.intent.begin.or(a.begin);
                 m.intent.hint = m.intent.hint.or(a.hint);
                 m.intent.sticky |= a.pins;
                 m.ends_tx_only &= a.ends_tx;
                 saw_statement = true;
-                if f.tag == frontend::QUERY && a.statements == 1 && is_route_set(sql) {
+                if f.tag == frontend::QUERY && a.statements == 1 && a.route_statement {
                     m.route_setting_only = Some(a.route_setting);
                 }
             }
@@ -221,13 +221,4 @@ pub fn meaning(unit: &Unit, statements: &ClientStatements, rules: &FunctionRules
         m.route_setting_only = None;
     }
     m
-}
-
-/// `SET pgpilot.route ...` with a value the proxy does not understand.
-fn is_route_set(sql: &str) -> bool {
-    let mut words = crate::router::lexer::Lexer::new(sql);
-    words.next().is_some_and(|t| t.is_word("set"))
-        && words.next().is_some_and(|t| t.is_word("pgpilot"))
-        && matches!(words.next(), Some(crate::router::lexer::Token::Punct(b'.')))
-        && words.next().is_some_and(|t| t.is_word("route"))
 }

@@ -45,8 +45,10 @@ pub struct Analysis<'a> {
     pub begin: Option<bool>,
     /// `/* pgpilot:... */` hint.
     pub hint: Option<Route>,
-    /// `SET pgpilot.route = ...` (answered by the proxy).
+    /// `SET pgpilot.route = ...` (answered by the proxy); `None` for a value it does not know.
     pub route_setting: Option<Route>,
+    /// A `SET pgpilot.route` statement was seen, whatever its value.
+    pub route_statement: bool,
     /// `SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY | READ WRITE`.
     pub session_read_only: Option<bool>,
     /// LISTEN, session advisory locks, `WITH HOLD` cursors, temp tables, SQL `PREPARE`.
@@ -300,6 +302,7 @@ pub fn analyze<'a>(sql: &'a str, rules: &FunctionRules) -> Analysis<'a> {
         begin: None,
         hint,
         route_setting: None,
+        route_statement: false,
         session_read_only: None,
         pins: false,
         changes: Vec::new(),
@@ -432,6 +435,7 @@ fn classify_set<'a>(a: &mut Analysis<'a>, s: &Scan<'a>, text: &'a str) -> bool {
         Some(Token::Punct(b'.'))
     );
     if dotted && name.eq_ignore_ascii_case("pgpilot") && s.is(i + 2, "route") {
+        a.route_statement = true;
         a.route_setting = parse_route(set_value(s));
         if a.route_setting.is_none() {
             a.read_only = false;

@@ -57,9 +57,10 @@ fn send(
         expect: &mut conn.expect,
         rules: &rules,
         max_prepared: max,
+        parsed: [].iter(),
     };
     for f in frames {
-        rw.push(f, &mut out).unwrap();
+        rw.push(&f, &mut out).unwrap();
     }
     tags(out)
 }
