@@ -198,6 +198,7 @@ impl DevCluster {
                 port: n.port,
                 priority: 100 - 10 * i as i32,
                 no_failover: false,
+                data_dir: Some(n.data_dir.display().to_string()),
             })
             .collect()
     }

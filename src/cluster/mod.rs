@@ -1,23 +1,26 @@
 //! Topology: the immutable `ClusterView` snapshot (behind `ArcSwap`) that every routing decision
 //! loads once, the probes that keep it current, and a `watch` channel for whoever must react.
 //!
-//! Elected primary: a healthy node the probes report as not in recovery. When several claim to
-//! be primary, the one already elected keeps the role; otherwise the highest priority wins.
+//! The elected primary is sticky: it changes when the failover controller installs a promoted
+//! node, or when another node claims the primary role on a newer timeline (a promotion made
+//! outside pgpilot). Any other node claiming to be primary is fenced (see `view.rs`).
 
 mod lsn;
+pub mod monitor;
 mod probe;
+mod view;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use lsn::Lsn;
-pub use probe::Sample;
+pub use probe::{FailureKind, ProbeError, Sample};
 
 use crate::config::{ClusterConfig, NodeConfig};
 
@@ -41,6 +44,27 @@ impl std::fmt::Display for Role {
     }
 }
 
+/// Why a node is fenced (never routed to).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fence {
+    /// It claims the primary role but is not the elected primary (or was replaced by a
+    /// promotion). Lifted automatically once it streams from the elected primary.
+    Claim,
+    /// An operator fenced it; only an operator lifts it.
+    Operator,
+}
+
+/// The current run of failed probes of a node.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    /// What the latest failed probe saw.
+    pub kind: FailureKind,
+    /// When the first failed probe of the run was sent.
+    pub since: Instant,
+    /// When the latest failed probe was sent.
+    pub last: Instant,
+}
+
 #[derive(Debug, Clone)]
 pub struct NodeStatus {
     pub name: String,
@@ -48,11 +72,17 @@ pub struct NodeStatus {
     pub port: u16,
     pub priority: i32,
     pub no_failover: bool,
+    pub data_dir: Option<String>,
     pub role: Role,
     /// Flips only after `probe_failures` consecutive results the other way.
     pub healthy: bool,
+    pub fenced: Option<Fence>,
     /// The latest successful probe.
     pub sample: Option<Sample>,
+    /// Set while probes fail, cleared by the next success.
+    pub failure: Option<Failure>,
+    /// When the latest successful probe finished.
+    pub last_ok: Option<Instant>,
     /// Replay distance behind the elected primary's current WAL position.
     pub lag_bytes: Option<u64>,
     pub lag_seconds: Option<f64>,
@@ -63,15 +93,38 @@ impl NodeStatus {
     pub fn replay_lsn(&self) -> Option<Lsn> {
         self.sample.as_ref().and_then(|s| s.replay_lsn)
     }
+
+    /// The furthest WAL position this node is known to hold: current on a primary, received
+    /// or replayed on a replica.
+    pub fn wal_position(&self) -> Option<Lsn> {
+        let s = self.sample.as_ref()?;
+        [s.current_lsn, s.receive_lsn, s.replay_lsn]
+            .into_iter()
+            .flatten()
+            .max()
+    }
+
+    pub fn timeline(&self) -> u32 {
+        self.sample.as_ref().and_then(|s| s.timeline).unwrap_or(0)
+    }
+
+    /// Healthy, unfenced and reporting the primary role.
+    pub fn claims_primary(&self) -> bool {
+        self.healthy && self.role == Role::Primary
+    }
 }
 
 #[derive(Debug, Clone)]
 pub struct ClusterView {
     pub nodes: Vec<NodeStatus>,
-    /// Index into `nodes` of the elected primary.
+    /// Index into `nodes` of the elected primary, kept while it is down.
+    pub elected: Option<usize>,
+    /// The elected primary when writes may go to it: healthy, unfenced, not paused.
     pub primary: Option<usize>,
     /// Increases every time the elected primary changes.
     pub epoch: u64,
+    /// New writes wait (a switchover is draining the old primary).
+    pub paused: bool,
 }
 
 impl ClusterView {
@@ -79,48 +132,12 @@ impl ClusterView {
         self.primary.map(|i| &self.nodes[i])
     }
 
+    pub fn elected(&self) -> Option<&NodeStatus> {
+        self.elected.map(|i| &self.nodes[i])
+    }
+
     pub fn index_of(&self, name: &str) -> Option<usize> {
         self.nodes.iter().position(|n| n.name == name)
-    }
-
-    fn elect(&mut self) {
-        let claims = |n: &NodeStatus| n.healthy && n.role == Role::Primary;
-        let current = self.primary.filter(|&i| claims(&self.nodes[i]));
-        let best = current.or_else(|| {
-            (0..self.nodes.len())
-                .filter(|&i| claims(&self.nodes[i]))
-                .max_by_key(|&i| self.nodes[i].priority)
-        });
-        if best != self.primary {
-            self.primary = best;
-            self.epoch += 1;
-        }
-    }
-
-    fn compute_lag(&mut self) {
-        let head = self
-            .primary()
-            .and_then(|p| p.sample.as_ref())
-            .and_then(|s| s.current_lsn);
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or_default();
-        for node in &mut self.nodes {
-            let replay = node.replay_lsn();
-            node.lag_bytes = match (node.role, head, replay) {
-                (Role::Replica, Some(h), Some(r)) => Some(r.bytes_until(h)),
-                _ => None,
-            };
-            node.lag_seconds = match (
-                node.lag_bytes,
-                node.sample.as_ref().and_then(|s| s.replay_timestamp),
-            ) {
-                (Some(0), _) => Some(0.0),
-                (Some(_), Some(ts)) => Some((now - ts).max(0.0)),
-                _ => None,
-            };
-        }
     }
 }
 
@@ -128,11 +145,13 @@ impl ClusterView {
 pub struct Cluster {
     view: ArcSwap<ClusterView>,
     changed: watch::Sender<u64>,
+    /// Per node: wakes its prober for an immediate probe.
+    wake: Vec<Notify>,
 }
 
 /// One probe outcome as the prober reports it, hysteresis already applied to `healthy`.
 pub struct Report {
-    pub result: Result<Sample, String>,
+    pub result: Result<Sample, ProbeError>,
     pub healthy: bool,
 }
 
@@ -147,20 +166,27 @@ impl Cluster {
                     port: n.port,
                     priority: n.priority,
                     no_failover: n.no_failover,
+                    data_dir: n.data_dir.clone(),
                     role: Role::Unknown,
                     healthy: false,
+                    fenced: None,
                     sample: None,
+                    failure: None,
+                    last_ok: None,
                     lag_bytes: None,
                     lag_seconds: None,
                     last_error: None,
                 })
                 .collect(),
+            elected: None,
             primary: None,
             epoch: 0,
+            paused: false,
         };
         Arc::new(Cluster {
             view: ArcSwap::from_pointee(view),
             changed: watch::channel(0).0,
+            wake: nodes.iter().map(|_| Notify::new()).collect(),
         })
     }
 
@@ -172,33 +198,23 @@ impl Cluster {
         self.changed.subscribe()
     }
 
-    /// Records a probe report for node `index` and republishes the view.
-    pub fn report(&self, index: usize, report: Report) {
+    /// Asks node `index`'s prober to probe now (a client saw it fail, or the failover
+    /// controller needs fresh evidence).
+    pub fn probe_now(&self, index: usize) {
+        if let Some(w) = self.wake.get(index) {
+            w.notify_one();
+        }
+    }
+
+    /// Applies `edit` to a copy of the view, reconciles and publishes it; watchers are told
+    /// when anything routing depends on changed.
+    fn update(&self, edit: impl Fn(&mut ClusterView)) {
         let mut changed = false;
         self.view.rcu(|old| {
             let mut next = ClusterView::clone(old);
-            if let Some(node) = next.nodes.get_mut(index) {
-                node.healthy = report.healthy;
-                match &report.result {
-                    Ok(sample) => {
-                        node.role = if sample.in_recovery {
-                            Role::Replica
-                        } else {
-                            Role::Primary
-                        };
-                        node.sample = Some(sample.clone());
-                        node.last_error = None;
-                    }
-                    Err(e) => node.last_error = Some(e.clone()),
-                }
-                if !node.healthy {
-                    node.role = Role::Down;
-                }
-            }
-            next.elect();
-            next.compute_lag();
-            let role = |v: &ClusterView| v.nodes.get(index).map(|n| (n.role, n.healthy));
-            changed = next.primary != old.primary || role(&next) != role(old);
+            edit(&mut next);
+            next.reconcile();
+            changed = next.differs_for_routing(old);
             next
         });
         if changed {
@@ -206,19 +222,35 @@ impl Cluster {
         }
     }
 
+    /// Records a probe report for node `index` and republishes the view.
+    pub fn report(&self, index: usize, report: Report) {
+        self.update(|v| v.apply_report(index, &report));
+    }
+
+    /// Makes `index` the elected primary after the failover controller promoted it; `sample`
+    /// is its first probe as a primary. Every other node claiming the role is fenced.
+    pub fn install_primary(&self, index: usize, sample: &Sample) {
+        self.update(|v| v.install(index, sample));
+    }
+
+    /// Fences (`Some`) or unfences (`None`) a node.
+    pub fn set_fence(&self, index: usize, fence: Option<Fence>) {
+        self.update(|v| {
+            if let Some(n) = v.nodes.get_mut(index) {
+                n.fenced = fence;
+            }
+        });
+    }
+
+    /// While paused, writes wait for a primary as if none were elected.
+    pub fn set_paused(&self, paused: bool) {
+        self.update(|v| v.paused = paused);
+    }
+
     /// Waits until an elected primary is known, up to `timeout`.
     pub async fn wait_for_primary(&self, timeout: Duration) -> Option<NodeStatus> {
-        let mut rx = self.subscribe();
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(p) = self.view().primary() {
-                return Some(p.clone());
-            }
-            match tokio::time::timeout_at(deadline, rx.changed()).await {
-                Ok(Ok(())) => {}
-                _ => return self.view().primary().cloned(),
-            }
-        }
+        self.wait_until(Instant::now() + timeout, |v| v.primary().cloned())
+            .await
     }
 
     /// Waits until a primary other than `previous` is elected, up to `deadline`.
@@ -227,14 +259,26 @@ impl Cluster {
         previous: &str,
         deadline: Instant,
     ) -> Option<NodeStatus> {
+        self.wait_until(deadline, |v| {
+            v.primary().filter(|p| p.name != previous).cloned()
+        })
+        .await
+    }
+
+    /// Waits until `check` finds something in the view, up to `deadline`.
+    pub async fn wait_until<T>(
+        &self,
+        deadline: Instant,
+        check: impl Fn(&ClusterView) -> Option<T>,
+    ) -> Option<T> {
         let mut rx = self.subscribe();
         loop {
-            if let Some(p) = self.view().primary().filter(|p| p.name != previous) {
-                return Some(p.clone());
+            if let Some(found) = check(&self.view()) {
+                return Some(found);
             }
             match tokio::time::timeout_at(deadline, rx.changed()).await {
                 Ok(Ok(())) => {}
-                _ => return None,
+                _ => return check(&self.view()),
             }
         }
     }

@@ -1,16 +1,19 @@
 //! One health probe per node over its own tokio-postgres connection, bounded as a whole by
 //! `probe_timeout` (tokio-postgres' connect_timeout does not bound a server that accepts and
 //! then hangs). Health flips only after `probe_failures` consecutive results the other way;
-//! role and WAL positions come from every successful probe.
+//! role and WAL positions come from every successful probe. A failed probe says how it failed:
+//! a refused or reset connection is a crash, a timeout may be a hang. While a node fails it is
+//! probed more often, and anyone can ask for a probe at once (`Cluster::probe_now`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tokio_postgres::{Client, NoTls, SimpleQueryMessage, SimpleQueryRow};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, SimpleQueryMessage, SimpleQueryRow};
 use tokio_util::sync::CancellationToken;
 
-use super::{Cluster, Lsn, Report};
+use super::{Cluster, Lsn, Report, monitor};
 use crate::config::ClusterConfig;
 
 /// One query that works on a primary and on a standby. Functions that fail during recovery
@@ -23,7 +26,81 @@ const PROBE_SQL: &str = "SELECT pg_is_in_recovery(), \
     CASE WHEN pg_is_in_recovery() THEN (SELECT received_tli FROM pg_stat_wal_receiver) \
          ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END, \
     (SELECT system_identifier FROM pg_control_system()), \
-    (SELECT status FROM pg_stat_wal_receiver)";
+    (SELECT status FROM pg_stat_wal_receiver), \
+    (SELECT extract(epoch FROM clock_timestamp() - last_msg_receipt_time) FROM pg_stat_wal_receiver), \
+    (SELECT setting FROM pg_settings WHERE name = 'wal_receiver_timeout')";
+
+/// How a probe failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// Connection refused or reset, or the server said it is shutting down, starting up or
+    /// recovering from a crash: the postmaster or the backend is gone.
+    Crash,
+    /// No answer within `probe_timeout`: a hang, an overload or a network cut.
+    Timeout,
+    /// Anything else (authentication, an unexpected answer).
+    Other,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProbeError {
+    pub kind: FailureKind,
+    pub message: String,
+    /// When the failed probe was sent.
+    pub started: Instant,
+}
+
+impl ProbeError {
+    fn new(kind: FailureKind, message: impl Into<String>, started: Instant) -> Self {
+        ProbeError {
+            kind,
+            message: message.into(),
+            started,
+        }
+    }
+
+    fn from_pg(e: &tokio_postgres::Error, started: Instant) -> Self {
+        ProbeError::new(failure_kind(e), e.to_string(), started)
+    }
+}
+
+/// Classifies a tokio-postgres error: transport failures and shutdown/startup refusals are
+/// crash evidence.
+pub fn failure_kind(e: &tokio_postgres::Error) -> FailureKind {
+    if let Some(db) = e.as_db_error() {
+        let code = db.code();
+        return if *code == SqlState::ADMIN_SHUTDOWN
+            || *code == SqlState::CRASH_SHUTDOWN
+            || *code == SqlState::CANNOT_CONNECT_NOW
+        {
+            FailureKind::Crash
+        } else {
+            FailureKind::Other
+        };
+    }
+    if e.is_closed() {
+        return FailureKind::Crash;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            return match io.kind() {
+                ConnectionRefused | ConnectionReset | ConnectionAborted | BrokenPipe
+                | UnexpectedEof | NotConnected => FailureKind::Crash,
+                TimedOut => FailureKind::Timeout,
+                _ => FailureKind::Other,
+            };
+        }
+        source = s.source();
+    }
+    // tokio-postgres reports an EOF in the middle of a message without an io::Error.
+    if e.to_string().contains("closed") {
+        FailureKind::Crash
+    } else {
+        FailureKind::Other
+    }
+}
 
 /// What one successful probe saw.
 #[derive(Debug, Clone)]
@@ -39,6 +116,10 @@ pub struct Sample {
     pub system_id: Option<String>,
     /// A standby whose WAL receiver is streaming.
     pub streaming: bool,
+    /// Seconds since the WAL receiver last heard from its primary.
+    pub receipt_age: Option<f64>,
+    /// The node's `wal_receiver_timeout` in milliseconds (0 = disabled).
+    pub wal_receiver_timeout_ms: Option<u64>,
     /// When the probe query was sent: every write acknowledged before this is covered by
     /// `current_lsn`.
     pub started: Instant,
@@ -46,6 +127,56 @@ pub struct Sample {
 }
 
 impl Sample {
+    /// Runs the probe query on `client`.
+    pub async fn take(client: &Client) -> Result<Sample, ProbeError> {
+        let started = Instant::now();
+        let rows = client
+            .simple_query(PROBE_SQL)
+            .await
+            .map_err(|e| ProbeError::from_pg(&e, started))?;
+        let row = rows
+            .iter()
+            .find_map(|m| match m {
+                SimpleQueryMessage::Row(r) => Some(r),
+                _ => None,
+            })
+            .ok_or_else(|| ProbeError::new(FailureKind::Other, "probe returned no row", started))?;
+        Sample::from_row(row, started)
+            .map_err(|m| ProbeError::new(FailureKind::Other, m, started))
+    }
+
+    /// Whether this standby's WAL receiver heard from its primary recently enough to prove
+    /// the primary alive: streaming, and a message within `wal_receiver_timeout` (the receiver
+    /// pings an idle primary every half of it). With the timeout disabled, streaming is taken
+    /// as proof.
+    pub fn hears_primary(&self) -> bool {
+        if !self.in_recovery || !self.streaming {
+            return false;
+        }
+        match (self.wal_receiver_timeout_ms, self.receipt_age) {
+            (Some(0) | None, _) | (_, None) => true,
+            (Some(ms), Some(age)) => age * 1000.0 < ms as f64,
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn for_tests(in_recovery: bool, lsn: u64) -> Sample {
+        Sample {
+            in_recovery,
+            current_lsn: (!in_recovery).then_some(Lsn(lsn)),
+            receive_lsn: in_recovery.then_some(Lsn(lsn)),
+            replay_lsn: in_recovery.then_some(Lsn(lsn)),
+            replay_timestamp: None,
+            timeline: Some(1),
+            system_id: Some("7".into()),
+            streaming: in_recovery,
+            receipt_age: in_recovery.then_some(0.1),
+            wal_receiver_timeout_ms: Some(2000),
+            started: Instant::now(),
+            duration: Duration::from_millis(1),
+        }
+    }
+
     fn from_row(row: &SimpleQueryRow, started: Instant) -> Result<Sample, String> {
         let col = |i: usize| row.get(i);
         let in_recovery = match col(0) {
@@ -62,6 +193,8 @@ impl Sample {
             timeline: col(5).and_then(|v| v.parse().ok()),
             system_id: col(6).map(str::to_owned),
             streaming: col(7) == Some("streaming"),
+            receipt_age: col(8).and_then(|v| v.parse().ok()),
+            wal_receiver_timeout_ms: col(9).and_then(|v| v.parse().ok()),
             started,
             duration: started.elapsed(),
         })
@@ -91,19 +224,31 @@ impl Prober {
     }
 
     pub(super) async fn run(mut self, shutdown: CancellationToken) {
-        let mut tick = tokio::time::interval(self.config.probe_interval.0);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut first = true;
+        let mut next = Instant::now();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
+                _ = tokio::time::sleep_until(next) => {}
+                _ = self.cluster.wake[self.index].notified() => {}
             }
+            let started = Instant::now();
             let result =
                 match tokio::time::timeout(self.config.probe_timeout.0, self.probe_once()).await {
-                    Ok(Ok(sample)) => Ok(sample),
-                    Ok(Err(e)) => Err(e),
-                    Err(_) => Err("probe timed out".to_owned()),
+                    Ok(r) => r,
+                    Err(_) => Err(ProbeError::new(
+                        FailureKind::Timeout,
+                        "probe timed out",
+                        started,
+                    )),
+                };
+            // A failing node is probed five times as often: its next state matters most.
+            let interval = self.config.probe_interval.0;
+            next = started
+                + if result.is_ok() {
+                    interval
+                } else {
+                    interval / 5
                 };
             if result.is_err() {
                 self.client = None;
@@ -128,36 +273,24 @@ impl Prober {
         self.healthy
     }
 
-    async fn probe_once(&mut self) -> Result<Sample, String> {
+    async fn probe_once(&mut self) -> Result<Sample, ProbeError> {
         if self.client.as_ref().is_none_or(Client::is_closed) {
+            let started = Instant::now();
             let node = self.cluster.view().nodes[self.index].clone();
-            let mut cfg = tokio_postgres::Config::new();
-            cfg.host(&node.host)
-                .port(node.port)
-                .user(&self.config.monitor_user)
-                .dbname(&self.config.monitor_database)
-                .application_name("pgpilot-probe")
-                .connect_timeout(self.config.probe_timeout.0);
-            if let Some(pw) = &self.config.monitor_password {
-                cfg.password(pw);
-            }
-            let (client, connection) = cfg.connect(NoTls).await.map_err(|e| e.to_string())?;
-            tokio::spawn(connection);
+            let client = monitor::connect(
+                &self.config,
+                &node.host,
+                node.port,
+                "pgpilot-probe",
+                self.config.probe_timeout.0,
+            )
+            .await
+            .map_err(|e| ProbeError::from_pg(&e, started))?;
             self.client = Some(client);
         }
-        let client = self.client.as_ref().ok_or("no probe connection")?;
-        let started = Instant::now();
-        let rows = client
-            .simple_query(PROBE_SQL)
-            .await
-            .map_err(|e| e.to_string())?;
-        let row = rows
-            .iter()
-            .find_map(|m| match m {
-                SimpleQueryMessage::Row(r) => Some(r),
-                _ => None,
-            })
-            .ok_or("probe returned no row")?;
-        Sample::from_row(row, started)
+        let client = self.client.as_ref().ok_or_else(|| {
+            ProbeError::new(FailureKind::Other, "no probe connection", Instant::now())
+        })?;
+        Sample::take(client).await
     }
 }

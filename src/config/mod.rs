@@ -193,13 +193,30 @@ pub struct ClusterConfig {
     pub monitor_password: Option<String>,
     /// The database probes connect to.
     pub monitor_database: String,
+    /// Keep `synchronous_standby_names = 'ANY 1 (<live replicas>)'` on the primary, so an
+    /// acknowledged commit is on a replica before the client hears of it.
+    pub synchronous: bool,
+    /// Run on a fenced node seen running as a primary, to turn it into a replica of the
+    /// elected primary. Variables: {node} {host} {port} {data_dir} {primary_node}
+    /// {primary_host} {primary_port}.
+    pub rejoin_command: Option<String>,
+    /// Run on the old primary during a switchover, after writes drained; same variables.
+    /// Without it, the old primary is fenced (and `rejoin_command` runs).
+    pub demote_command: Option<String>,
+    /// Bound on `pg_promote(wait => true)`.
+    pub promote_timeout: Dur,
+    /// Bound on a switchover's wait for in-flight writes and for the candidate to catch up.
+    pub switchover_timeout: Dur,
+    /// Lower replicas' `wal_receiver_timeout` (ALTER SYSTEM) to two thirds of
+    /// `failover_timeout` when it is longer, so a live primary is heard from in time.
+    pub tune_wal_receiver_timeout: bool,
 }
 
 impl Default for ClusterConfig {
     fn default() -> Self {
         Self {
             probe_interval: Dur::ms(500),
-            probe_timeout: Dur::secs(2),
+            probe_timeout: Dur::secs(1),
             probe_failures: 2,
             failover: FailoverMode::Auto,
             failover_timeout: Dur::secs(3),
@@ -214,6 +231,12 @@ impl Default for ClusterConfig {
             monitor_user: "postgres".into(),
             monitor_password: None,
             monitor_database: "postgres".into(),
+            synchronous: false,
+            rejoin_command: None,
+            demote_command: None,
+            promote_timeout: Dur::secs(60),
+            switchover_timeout: Dur::secs(30),
+            tune_wal_receiver_timeout: true,
         }
     }
 }
@@ -229,6 +252,9 @@ pub struct NodeConfig {
     pub priority: i32,
     #[serde(default)]
     pub no_failover: bool,
+    /// The node's data directory as seen by `rejoin_command` / `demote_command` ({data_dir}).
+    #[serde(default)]
+    pub data_dir: Option<String>,
 }
 
 fn default_pg_port() -> u16 {
@@ -334,6 +360,13 @@ impl Config {
                     db.name
                 ));
             }
+        }
+        let c = &self.cluster;
+        if c.probe_timeout.0 >= c.failover_timeout.0 {
+            return bad("cluster.probe_timeout must be shorter than cluster.failover_timeout".into());
+        }
+        if c.probe_interval.0.is_zero() {
+            return bad("cluster.probe_interval must be positive".into());
         }
         let p = &self.proxy;
         if p.pool_size == 0 {

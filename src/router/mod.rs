@@ -147,6 +147,7 @@ pub fn pick_replica(
         let n = &view.nodes[*i];
         n.role == Role::Replica
             && n.healthy
+            && n.fenced.is_none()
             && !exclude.contains(i)
             && n.lag_bytes.is_some_and(|l| l <= max_lag)
             && n.lag_seconds.is_none_or(|s| s <= max_lag_time)

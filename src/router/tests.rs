@@ -1,5 +1,5 @@
 use super::*;
-use crate::cluster::{Cluster, Lsn, Report, Sample};
+use crate::cluster::{Cluster, Report, Sample};
 use crate::config::NodeConfig;
 
 fn client(database: Routing) -> ClientRoute {
@@ -92,6 +92,7 @@ fn cluster() -> std::sync::Arc<Cluster> {
             port: 1,
             priority: 0,
             no_failover: false,
+            data_dir: None,
         })
         .collect();
     Cluster::new(&nodes)
@@ -99,16 +100,11 @@ fn cluster() -> std::sync::Arc<Cluster> {
 
 fn sample(in_recovery: bool, lsn: u64) -> Sample {
     Sample {
-        in_recovery,
-        current_lsn: (!in_recovery).then_some(Lsn(lsn)),
         receive_lsn: None,
-        replay_lsn: in_recovery.then_some(Lsn(lsn)),
-        replay_timestamp: None,
         timeline: None,
         system_id: None,
         streaming: true,
-        started: Instant::now(),
-        duration: Duration::ZERO,
+        ..Sample::for_tests(in_recovery, lsn)
     }
 }
 

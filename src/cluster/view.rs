@@ -1,0 +1,168 @@
+//! How a `ClusterView` absorbs probe reports and promotions: who is the elected primary, who is
+//! fenced, which primary writes may use, and how far each replica lags.
+//!
+//! Rules, applied after every change:
+//! - With no elected primary yet (startup), the healthy claimant on the newest timeline wins,
+//!   then the highest priority.
+//! - A claimant on a newer timeline than the elected primary's replaces it: a promotion made
+//!   outside pgpilot. The old one is fenced.
+//! - Any other claimant is fenced: an old primary restarted as-is stays out of routing.
+//! - A node fenced for claiming the role is unfenced once it streams, as a replica, on the
+//!   elected primary's timeline or a newer one.
+
+use tokio::time::Instant;
+
+use super::{ClusterView, Failure, Fence, NodeStatus, Report, Role, Sample};
+
+impl ClusterView {
+    pub(super) fn apply_report(&mut self, index: usize, report: &Report) {
+        let Some(node) = self.nodes.get_mut(index) else {
+            return;
+        };
+        node.healthy = report.healthy;
+        match &report.result {
+            Ok(sample) => {
+                node.role = if sample.in_recovery {
+                    Role::Replica
+                } else {
+                    Role::Primary
+                };
+                node.sample = Some(sample.clone());
+                node.last_error = None;
+                node.failure = None;
+                node.last_ok = Some(Instant::now());
+            }
+            Err(e) => {
+                node.last_error = Some(e.message.clone());
+                let since = node.failure.as_ref().map_or(e.started, |f| f.since);
+                node.failure = Some(Failure {
+                    kind: e.kind,
+                    since,
+                    last: e.started,
+                });
+            }
+        }
+        if !node.healthy {
+            node.role = Role::Down;
+        }
+    }
+
+    pub(super) fn install(&mut self, index: usize, sample: &Sample) {
+        if index >= self.nodes.len() {
+            return;
+        }
+        let previous = self.elected.replace(index);
+        if previous != Some(index) {
+            self.epoch += 1;
+        }
+        for (i, n) in self.nodes.iter_mut().enumerate() {
+            if i == index {
+                n.role = Role::Primary;
+                n.healthy = true;
+                n.sample = Some(sample.clone());
+                n.failure = None;
+                n.last_ok = Some(Instant::now());
+                n.fenced = None;
+            } else if (Some(i) == previous || n.role == Role::Primary) && n.fenced.is_none() {
+                n.fenced = Some(Fence::Claim);
+            }
+        }
+    }
+
+    pub(super) fn reconcile(&mut self) {
+        self.adopt();
+        let elected = self.elected;
+        let elected_tl = self.elected().map_or(0, NodeStatus::timeline);
+        for (i, n) in self.nodes.iter_mut().enumerate() {
+            if Some(i) == elected {
+                continue;
+            }
+            if n.claims_primary() && n.fenced.is_none() {
+                n.fenced = Some(Fence::Claim);
+            }
+            let rejoined = n.healthy
+                && n.role == Role::Replica
+                && n.sample.as_ref().is_some_and(|s| s.streaming)
+                && n.timeline() >= elected_tl;
+            if n.fenced == Some(Fence::Claim) && rejoined && elected.is_some() {
+                n.fenced = None;
+            }
+        }
+        self.primary = self
+            .elected
+            .filter(|&i| !self.paused && self.nodes[i].claims_primary())
+            .filter(|&i| self.nodes[i].fenced.is_none());
+        self.compute_lag();
+    }
+
+    /// Elects a primary at startup, or follows a promotion made elsewhere.
+    fn adopt(&mut self) {
+        let best = (0..self.nodes.len())
+            .filter(|&i| {
+                let n = &self.nodes[i];
+                n.claims_primary() && n.fenced != Some(Fence::Operator)
+            })
+            .max_by_key(|&i| {
+                let n = &self.nodes[i];
+                (n.timeline(), Some(i) == self.elected, n.priority)
+            });
+        let Some(best) = best else {
+            return;
+        };
+        match self.elected {
+            None if self.nodes[best].fenced.is_none() => {
+                self.elected = Some(best);
+                self.epoch += 1;
+            }
+            Some(e) if e != best && self.nodes[best].timeline() > self.nodes[e].timeline() => {
+                self.elected = Some(best);
+                self.epoch += 1;
+                self.nodes[best].fenced = None;
+                if self.nodes[e].fenced.is_none() {
+                    self.nodes[e].fenced = Some(Fence::Claim);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn compute_lag(&mut self) {
+        let head = self
+            .elected()
+            .and_then(|p| p.sample.as_ref())
+            .and_then(|s| s.current_lsn);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or_default();
+        for node in &mut self.nodes {
+            let replay = node.replay_lsn();
+            node.lag_bytes = match (node.role, head, replay) {
+                (Role::Replica, Some(h), Some(r)) => Some(r.bytes_until(h)),
+                _ => None,
+            };
+            node.lag_seconds = match (
+                node.lag_bytes,
+                node.sample.as_ref().and_then(|s| s.replay_timestamp),
+            ) {
+                (Some(0), _) => Some(0.0),
+                (Some(_), Some(ts)) => Some((now - ts).max(0.0)),
+                _ => None,
+            };
+        }
+    }
+
+    /// Whether anything routing or the failover controller watches differs from `old`.
+    pub(super) fn differs_for_routing(&self, old: &ClusterView) -> bool {
+        let key = |n: &NodeStatus| (n.role, n.healthy, n.fenced, n.failure.is_some());
+        self.primary != old.primary
+            || self.elected != old.elected
+            || self.epoch != old.epoch
+            || self.paused != old.paused
+            || self
+                .nodes
+                .iter()
+                .zip(&old.nodes)
+                .any(|(a, b)| key(a) != key(b))
+    }
+}
