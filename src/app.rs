@@ -52,6 +52,8 @@ pub struct Shared {
     pub clients: AtomicUsize,
     /// Cancelled when a graceful shutdown begins.
     pub shutdown: CancellationToken,
+    /// Failover history and the lock that serialises promotions.
+    pub failover: crate::failover::Failover,
 }
 
 impl Shared {
@@ -99,6 +101,7 @@ impl Proxy {
             cancels: CancelRegistry::default(),
             clients: AtomicUsize::new(0),
             shutdown: CancellationToken::new(),
+            failover: crate::failover::Failover::default(),
         });
         Ok(Proxy {
             shared,
@@ -130,6 +133,7 @@ impl Proxy {
             .cluster
             .spawn_probes(&shared.config().cluster, &background, &probes);
         background.spawn(maintain_pools(shared.clone(), probes.clone()));
+        background.spawn(crate::failover::run(shared.clone(), probes.clone()));
         info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "pgpilot listening");
         tokio::pin!(shutdown);
         loop {

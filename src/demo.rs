@@ -28,17 +28,27 @@ pub fn config_for(
     let mut text = format!(
         "[proxy]\nlisten = \"127.0.0.1:{listen_port}\"\n\
          [cluster]\nmonitor_user = \"postgres\"\nmonitor_password = \"{}\"\n\
+         rejoin_command = {}\n\
          [[users]]\nname = \"{DEMO_USER}\"\npassword = \"{DEMO_PASSWORD}\"\n\
          [[databases]]\nname = \"{DEMO_DATABASE}\"\n",
-        crate::devcluster::SUPERUSER_PASSWORD
+        crate::devcluster::SUPERUSER_PASSWORD,
+        toml_string(&cluster.rejoin_command()),
     );
     for n in cluster.node_configs() {
         text.push_str(&format!(
-            "[[nodes]]\nname = \"{}\"\nhost = \"{}\"\nport = {}\npriority = {}\n",
-            n.name, n.host, n.port, n.priority
+            "[[nodes]]\nname = \"{}\"\nhost = \"{}\"\nport = {}\npriority = {}\ndata_dir = {}\n",
+            n.name,
+            n.host,
+            n.port,
+            n.priority,
+            toml_string(n.data_dir.as_deref().unwrap_or_default()),
         ));
     }
     Config::from_toml(&text)
+}
+
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
 }
 
 /// Loads the sample dataset into the demo database.
@@ -92,17 +102,20 @@ pub async fn run(port: u16) -> Result<(), DemoError> {
     } else {
         ""
     };
-    println!("\nKill the primary (a crash):\n");
+    println!("\nKill the primary (a crash) and watch pgpilot promote pg2 and repoint pg3:\n");
     println!(
         "  {as_pg}{} -D {} stop -m immediate\n",
         pg_ctl.display(),
         nodes[0].data_dir.display()
     );
-    println!("then promote a replica; pgpilot sends new sessions to whichever node is primary:\n");
+    println!("Sessions stay connected; writes wait for the new primary and then run there.");
+    println!("Start the old primary again and pgpilot fences it, then rejoins it as a replica");
+    println!("(pg_rewind) with the devcluster's rejoin script:\n");
     println!(
-        "  PGPASSWORD={} psql -h 127.0.0.1 -p {} -U postgres -c 'SELECT pg_promote()'\n",
-        crate::devcluster::SUPERUSER_PASSWORD,
-        nodes.get(1).map_or(0, |n| n.port)
+        "  {as_pg}{} -D {} -l {} start\n",
+        pg_ctl.display(),
+        nodes[0].data_dir.display(),
+        nodes[0].log_file.display()
     );
     println!("Press Ctrl-C to stop everything and remove the cluster.");
     proxy.serve(crate::app::shutdown_signal()).await;

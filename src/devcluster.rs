@@ -16,6 +16,9 @@ use crate::config::NodeConfig;
 pub const SUPERUSER: &str = "postgres";
 pub const SUPERUSER_PASSWORD: &str = "pgpilot-dev";
 
+/// `scripts/rejoin.sh`: turns a fenced old primary into a replica of the new one.
+pub const REJOIN_SCRIPT: &str = include_str!("../scripts/rejoin.sh");
+
 #[derive(Debug, thiserror::Error)]
 pub enum DevClusterError {
     #[error(
@@ -87,6 +90,7 @@ impl DevCluster {
             )?;
         }
         cluster.watchdog = spawn_watchdog(&cluster).ok();
+        fs::write(dir.join("rejoin.sh"), REJOIN_SCRIPT)?;
         let pwfile = dir.join("pwfile");
         fs::write(&pwfile, SUPERUSER_PASSWORD)?;
         cluster.give_to_postgres(&pwfile)?;
@@ -226,6 +230,39 @@ impl DevCluster {
             .map(|_| ())
     }
 
+    /// Sends `signal` (`STOP`, `CONT`, ...) to every process of node `i`: the postmaster and
+    /// its children. `STOP` freezes the node without closing any connection (a hang).
+    pub fn signal_node(&self, i: usize, signal: &str) -> Result<(), DevClusterError> {
+        let pid_file = fs::read_to_string(self.nodes[i].data_dir.join("postmaster.pid"))?;
+        let pid = pid_file
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        let script = format!("kill -{signal} {pid} $(pgrep -P {pid})");
+        self.run(
+            &format!("kill -{signal} {}", self.nodes[i].name),
+            Command::new("sh").arg("-c").arg(script),
+        )
+        .map(|_| ())
+    }
+
+    /// A `rejoin_command` for this cluster: the rejoin script (written into the cluster
+    /// directory) with the superuser's password and the binaries in use.
+    pub fn rejoin_command(&self) -> String {
+        format!(
+            "PGPASSWORD={SUPERUSER_PASSWORD} PGBIN={} sh {} {{node}} {{host}} {{port}} {{data_dir}} {{primary_host}} {{primary_port}}",
+            self.bin.display(),
+            self.dir.join("rejoin.sh").display()
+        )
+    }
+
+    /// The directory of the PostgreSQL server binaries in use.
+    pub fn bin_dir(&self) -> &Path {
+        &self.bin
+    }
+
     /// Runs SQL on node `i` with psql as the superuser; returns unaligned, tuples-only output.
     pub fn psql(&self, i: usize, database: &str, sql: &str) -> Result<String, DevClusterError> {
         let mut cmd = Command::new("psql");
@@ -290,10 +327,13 @@ impl DevCluster {
         })
     }
 
+    /// The node's own settings, appended last: its port, and its name as `cluster_name`
+    /// (which its WAL receiver reports as `application_name`, the name
+    /// `synchronous_standby_names` uses).
     fn set_port(&self, node: &DevNode) -> Result<(), DevClusterError> {
         append(
             &node.data_dir.join("postgresql.conf"),
-            &format!("port = {}\n", node.port),
+            &format!("port = {}\ncluster_name = '{}'\n", node.port, node.name),
         )
     }
 

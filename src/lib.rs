@@ -10,12 +10,16 @@
 //!                                          │         └── ClusterView snapshot (ArcSwap)
 //!                                          │                      ▲
 //!                                          │        probes (one task per node)
+//!                                          │                      │ verdicts
+//!                                          └── fenced ◀── failover driver: promote, repoint, fence
 //! ```
 //!
 //! - [`protocol`]: framing (`Frame`, `FrameCodec`), startup packets, typed views, encoders.
 //! - [`auth`]: client authentication; [`server`]: backend connections and their authentication.
 //! - [`client`]: the per-client task; [`pool`]: pools and the checkout guard.
 //! - [`cluster`]: the topology snapshot and probes; [`router`]: where work goes.
+//! - [`failover`]: the failover controller (a pure verdict function) and its driver,
+//!   switchover and forced promotion.
 //! - [`config`]: the TOML surface; [`net`]: sockets and TLS; [`app`]: wiring and shutdown.
 //! - [`devcluster`]: a local primary + replicas for the demo, tests and benches.
 //!
@@ -39,6 +43,7 @@ pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod devcluster;
+pub mod failover;
 pub mod net;
 pub mod pool;
 pub mod protocol;

@@ -15,7 +15,11 @@ async fn writes_follow_an_external_promotion_on_the_same_connections() {
     let c = Arc::new(start_cluster(DevClusterOptions::default()));
     c.psql(0, "app", "CREATE TABLE events (id serial PRIMARY KEY, at int); GRANT ALL ON events, events_id_seq TO app")
         .unwrap();
-    let proxy = start_proxy(config(&c, |_| {})).await;
+    // pgpilot's own failover is off: this is about following someone else's promotion.
+    let proxy = start_proxy(config(&c, |cfg| {
+        cfg.cluster.failover = pgpilot::config::FailoverMode::Off;
+    }))
+    .await;
     let writer = proxy.connect().await;
     let idle = proxy.connect().await;
     let insert = "INSERT INTO events (at) VALUES (inet_server_port()) RETURNING at";

@@ -50,6 +50,8 @@ enum Event {
     Client(Result<Option<Frame>, ProtocolError>),
     ShutdownStarted,
     Forced,
+    /// The node was fenced: its connections must not be used any more.
+    Fenced,
 }
 
 enum Gone {
@@ -69,6 +71,7 @@ where
     W: AsyncWrite + Unpin,
 {
     let on_replica = held.on_replica;
+    let abort = held.conn.pool().abort_token();
     let (end, disposal) = {
         let conn = held.conn.conn();
         let ServerConn {
@@ -102,7 +105,7 @@ where
             on_replica,
         };
         let result = drive
-            .run(txn, &mut server, first, first_meaning, may_retry)
+            .run(txn, &mut server, first, first_meaning, may_retry, &abort)
             .await;
         *buf = server.into_parts().1;
         result
@@ -149,6 +152,7 @@ impl Drive<'_> {
         first: Unit,
         first_meaning: &Meaning,
         may_retry: bool,
+        abort: &tokio_util::sync::CancellationToken,
     ) -> (BusyEnd, Disposal)
     where
         R: AsyncRead + Unpin,
@@ -188,6 +192,7 @@ impl Drive<'_> {
                 biased;
                 _ = sleep_until_opt(deadline) => Event::Forced,
                 _ = txn.shared.shutdown.cancelled(), if deadline.is_none() => Event::ShutdownStarted,
+                _ = abort.cancelled() => Event::Fenced,
                 r = server.next() => Event::Server(r),
                 // While an answer is on its way the client is not polled (each poll would cost a
                 // read that finds nothing); pipelined requests wait in the socket meanwhile.
@@ -196,6 +201,9 @@ impl Drive<'_> {
             };
             match event {
                 Event::Forced => return (BusyEnd::Shutdown, Disposal::Close),
+                Event::Fenced => {
+                    return self.lost(txn, "its node was fenced after a failover".into());
+                }
                 Event::ShutdownStarted => {
                     deadline = Some(Instant::now() + txn.config.proxy.shutdown_timeout.0);
                 }

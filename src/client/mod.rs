@@ -161,12 +161,14 @@ where
         key,
     });
 
+    let fenced = pooled.pool().abort_token();
     let outcome = relay::relay(
         reader,
         wr,
         pooled.conn(),
         &shared.shutdown,
         config.proxy.shutdown_timeout.0,
+        &fenced,
     )
     .await;
     shared.cancels.unregister(key);

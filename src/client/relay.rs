@@ -57,6 +57,7 @@ pub async fn relay<CR, CW>(
     server: &mut ServerConn,
     shutdown: &CancellationToken,
     grace: Duration,
+    fenced: &CancellationToken,
 ) -> Outcome
 where
     CR: AsyncRead + Unpin,
@@ -175,6 +176,7 @@ where
             e = server_to_client => e,
             _ = graceful => End::Shutdown,
             _ = forced => End::ShutdownForced,
+            _ = fenced.cancelled() => End::ServerLost("its node was fenced after a failover".into()),
         }
     };
     *buf = server_rd.into_parts().1;

@@ -130,6 +130,8 @@ where
                 Err(e)
                     if !on_replica && e.is_unreachable() && Instant::now() < primary_deadline =>
                 {
+                    // Tell the prober at once: a crash is confirmed by probes, not by us.
+                    self.shared.cluster.probe_now(node);
                     let name = self.shared.cluster.view().nodes[node].name.clone();
                     match self
                         .shared
@@ -162,6 +164,7 @@ where
                     readies,
                     in_tx,
                 } => {
+                    self.shared.cluster.probe_now(node);
                     return self.report_lost(&why, readies, in_tx).await;
                 }
                 BusyEnd::ClientGone => return Err(ProtocolError::Closed.into()),

@@ -141,8 +141,7 @@ impl Sample {
                 _ => None,
             })
             .ok_or_else(|| ProbeError::new(FailureKind::Other, "probe returned no row", started))?;
-        Sample::from_row(row, started)
-            .map_err(|m| ProbeError::new(FailureKind::Other, m, started))
+        Sample::from_row(row, started).map_err(|m| ProbeError::new(FailureKind::Other, m, started))
     }
 
     /// Whether this standby's WAL receiver heard from its primary recently enough to prove

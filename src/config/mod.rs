@@ -363,7 +363,9 @@ impl Config {
         }
         let c = &self.cluster;
         if c.probe_timeout.0 >= c.failover_timeout.0 {
-            return bad("cluster.probe_timeout must be shorter than cluster.failover_timeout".into());
+            return bad(
+                "cluster.probe_timeout must be shorter than cluster.failover_timeout".into(),
+            );
         }
         if c.probe_interval.0.is_zero() {
             return bad("cluster.probe_interval must be positive".into());

@@ -10,6 +10,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::protocol::backend::TxStatus;
 use crate::server::{ConnectParams, ServerConn, ServerError};
@@ -48,6 +49,8 @@ pub struct Pool {
     opened: AtomicUsize,
     /// Server connections closed over the pool's life.
     closed: AtomicUsize,
+    /// Cancelled (and replaced) when the node is fenced: sessions on its connections end.
+    abort: Mutex<CancellationToken>,
 }
 
 impl Pool {
@@ -60,6 +63,7 @@ impl Pool {
             idle: Mutex::new(Vec::new()),
             opened: AtomicUsize::new(0),
             closed: AtomicUsize::new(0),
+            abort: Mutex::new(CancellationToken::new()),
         })
     }
 
@@ -145,6 +149,21 @@ impl Pool {
                 }
             }
         }
+    }
+
+    /// Cancelled when every connection of this pool must be dropped (the node was fenced).
+    pub fn abort_token(&self) -> CancellationToken {
+        self.abort.lock().clone()
+    }
+
+    /// Ends every session on this pool's connections and closes the idle ones; returns how
+    /// many connections were open.
+    pub fn abort_all(&self) -> usize {
+        let active = self.active_count();
+        std::mem::take(&mut *self.abort.lock()).cancel();
+        let idle = std::mem::take(&mut *self.idle.lock());
+        self.closed.fetch_add(idle.len(), Ordering::Relaxed);
+        active + idle.len()
     }
 
     pub fn idle_count(&self) -> usize {
@@ -246,5 +265,23 @@ impl Pools {
 
     pub fn all(&self) -> Vec<Arc<Pool>> {
         self.map.lock().values().cloned().collect()
+    }
+
+    fn of_node(&self, node: &str) -> Vec<Arc<Pool>> {
+        let map = self.map.lock();
+        map.values()
+            .filter(|p| &*p.key.node == node)
+            .cloned()
+            .collect()
+    }
+
+    /// Drops every connection to `node` (fencing); returns how many there were.
+    pub fn abort_node(&self, node: &str) -> usize {
+        self.of_node(node).iter().map(|p| p.abort_all()).sum()
+    }
+
+    /// Connections to `node` currently lent to clients.
+    pub fn active_on(&self, node: &str) -> usize {
+        self.of_node(node).iter().map(|p| p.active_count()).sum()
     }
 }

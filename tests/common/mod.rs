@@ -165,5 +165,6 @@ where
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+pub mod load;
 pub mod raw;
 pub mod tls;

@@ -1,0 +1,176 @@
+//! The failover decision as a pure function of the cluster view and the clock: is the elected
+//! primary dead, do the replicas agree, and who takes over. The driver (`mod.rs`) acts on the
+//! verdict; tests feed views directly.
+//!
+//! - **Detect.** A crash (probes refused or reset, or the server shutting down) counts after
+//!   two failed probes in a row, a fifth of `probe_interval` apart. A silent primary (probes
+//!   time out) counts once nothing succeeded for `failover_timeout`.
+//! - **Confirm.** Every reachable replica must have been probed after the failures began, and
+//!   none may still hear from the primary (`Sample::hears_primary`): a replica that does proves
+//!   that only pgpilot is cut off.
+//! - **Elect.** Healthy, unfenced replicas without `no_failover`, from the same system, at
+//!   most `max_failover_lag` behind the furthest known WAL position; the highest priority, then
+//!   the furthest position (with `synchronous`, the furthest position first: only it is sure to
+//!   hold every acknowledged commit).
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::cluster::{ClusterView, FailureKind, Role};
+use crate::config::FailoverMode;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    pub mode: FailoverMode,
+    pub failover_timeout: Duration,
+    pub max_failover_lag: u64,
+    pub synchronous: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// Connections refused or reset.
+    Crash,
+    /// No answer for `failover_timeout`.
+    Unresponsive,
+}
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Cause::Crash => "crash",
+            Cause::Unresponsive => "unresponsive",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// The elected primary answers, or none was ever known.
+    Healthy,
+    /// Probes fail, not yet enough to call it dead.
+    Suspect,
+    /// Dead by what the proxy sees; these replicas were not probed since: probe them.
+    NeedEvidence { old: usize, stale: Vec<usize> },
+    /// A replica still hears from the primary: only the proxy is cut off. No promotion.
+    PrimaryAlive { old: usize, witness: usize },
+    /// Dead, but promotion is left to an operator (`failover = "manual" | "off"`).
+    NotAutomatic { old: usize, cause: Cause },
+    /// Dead, and no replica may take over.
+    NoCandidate {
+        old: usize,
+        cause: Cause,
+        why: String,
+    },
+    Promote {
+        old: usize,
+        candidate: usize,
+        cause: Cause,
+    },
+}
+
+/// What the view says about the elected primary at `now`.
+pub fn assess(view: &ClusterView, policy: &Policy, now: Instant) -> Verdict {
+    let Some(old) = view.elected else {
+        return Verdict::Healthy;
+    };
+    let primary = &view.nodes[old];
+    let Some(failure) = &primary.failure else {
+        return Verdict::Healthy;
+    };
+    let silent_since = primary.last_ok.unwrap_or(failure.since).min(failure.since);
+    let cause = if failure.kind == FailureKind::Crash && failure.last > failure.since {
+        Cause::Crash
+    } else if now.saturating_duration_since(silent_since) >= policy.failover_timeout {
+        Cause::Unresponsive
+    } else {
+        return Verdict::Suspect;
+    };
+    let replicas = || {
+        view.nodes.iter().enumerate().filter(move |(i, n)| {
+            *i != old && n.healthy && n.role == Role::Replica && n.fenced.is_none()
+        })
+    };
+    let fresh = |i: &usize| {
+        view.nodes[*i]
+            .sample
+            .as_ref()
+            .is_some_and(|s| s.started >= failure.since)
+    };
+    if let Some((witness, _)) =
+        replicas().find(|(i, n)| fresh(i) && n.sample.as_ref().is_some_and(|s| s.hears_primary()))
+    {
+        return Verdict::PrimaryAlive { old, witness };
+    }
+    let stale: Vec<usize> = replicas().map(|(i, _)| i).filter(|i| !fresh(i)).collect();
+    if !stale.is_empty() {
+        return Verdict::NeedEvidence { old, stale };
+    }
+    if policy.mode != FailoverMode::Auto {
+        return Verdict::NotAutomatic { old, cause };
+    }
+    match elect(view, Some(old), policy, false) {
+        Ok(candidate) => Verdict::Promote {
+            old,
+            candidate,
+            cause,
+        },
+        Err(why) => Verdict::NoCandidate { old, cause, why },
+    }
+}
+
+/// The replica that should become primary in place of `old`. `force` ignores
+/// `max_failover_lag` and `no_failover`.
+pub fn elect(
+    view: &ClusterView,
+    old: Option<usize>,
+    policy: &Policy,
+    force: bool,
+) -> Result<usize, String> {
+    let best = view.nodes.iter().filter_map(|n| n.wal_position()).max();
+    let system = old.and_then(|o| view.nodes[o].sample.as_ref()?.system_id.clone());
+    let mut eligible = Vec::new();
+    let mut refused = Vec::new();
+    for (i, n) in view.nodes.iter().enumerate() {
+        if Some(i) == old || !n.healthy || n.role != Role::Replica || n.fenced.is_some() {
+            continue;
+        }
+        if n.no_failover && !force {
+            refused.push(format!("{} has no_failover", n.name));
+            continue;
+        }
+        let theirs = n.sample.as_ref().and_then(|s| s.system_id.clone());
+        if system.is_some() && theirs.is_some() && theirs != system {
+            refused.push(format!("{} belongs to another system", n.name));
+            continue;
+        }
+        let pos = n.wal_position();
+        let behind = match (best, pos) {
+            (Some(b), Some(p)) => p.bytes_until(b),
+            (Some(_), None) => u64::MAX,
+            (None, _) => 0,
+        };
+        if behind > policy.max_failover_lag && !force {
+            refused.push(format!(
+                "{} is {behind} bytes behind (max_failover_lag {})",
+                n.name, policy.max_failover_lag
+            ));
+            continue;
+        }
+        eligible.push((i, n.priority, pos));
+    }
+    let pick = if policy.synchronous {
+        eligible.iter().max_by_key(|(_, prio, pos)| (*pos, *prio))
+    } else {
+        eligible.iter().max_by_key(|(_, prio, pos)| (*prio, *pos))
+    };
+    match pick {
+        Some((i, _, _)) => Ok(*i),
+        None if refused.is_empty() => Err("no healthy replica".into()),
+        None => Err(refused.join("; ")),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,168 @@
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::*;
+use crate::cluster::{Cluster, Lsn, ProbeError, Report, Sample};
+use crate::config::NodeConfig;
+
+fn policy() -> Policy {
+    Policy {
+        mode: FailoverMode::Auto,
+        failover_timeout: Duration::from_secs(3),
+        max_failover_lag: 1000,
+        synchronous: false,
+    }
+}
+
+fn cluster() -> std::sync::Arc<Cluster> {
+    let nodes: Vec<NodeConfig> = (1..=3)
+        .map(|i| NodeConfig {
+            name: format!("pg{i}"),
+            host: "127.0.0.1".into(),
+            port: 5432,
+            priority: 100 - 10 * i,
+            no_failover: false,
+            data_dir: None,
+        })
+        .collect();
+    let c = Cluster::new(&nodes);
+    ok(&c, 0, Sample::for_tests(false, 5000));
+    ok(&c, 1, Sample::for_tests(true, 4900));
+    ok(&c, 2, Sample::for_tests(true, 5000));
+    c
+}
+
+fn ok(c: &Cluster, i: usize, s: Sample) {
+    c.report(
+        i,
+        Report {
+            result: Ok(s),
+            healthy: true,
+        },
+    );
+}
+
+fn fail(c: &Cluster, i: usize, kind: FailureKind, started: Instant) {
+    c.report(
+        i,
+        Report {
+            result: Err(ProbeError {
+                kind,
+                message: "x".into(),
+                started,
+            }),
+            healthy: false,
+        },
+    );
+}
+
+/// Replicas that lost their WAL receiver, probed after the failure began.
+fn replicas_lost_the_primary(c: &Cluster) {
+    for (i, lsn) in [(1, 4900), (2, 5000)] {
+        let mut s = Sample::for_tests(true, lsn);
+        s.streaming = false;
+        ok(c, i, s);
+    }
+}
+
+#[test]
+fn a_crash_needs_two_failures_then_fresh_evidence_then_promotes_by_priority() {
+    let c = cluster();
+    let t0 = Instant::now();
+    fail(&c, 0, FailureKind::Crash, t0);
+    assert_eq!(assess(&c.view(), &policy(), t0), Verdict::Suspect);
+    fail(&c, 0, FailureKind::Crash, t0 + Duration::from_millis(100));
+    // The replicas' samples predate the failure: ask for new ones.
+    let v = assess(&c.view(), &policy(), t0);
+    assert_eq!(
+        v,
+        Verdict::NeedEvidence {
+            old: 0,
+            stale: vec![1, 2]
+        }
+    );
+    replicas_lost_the_primary(&c);
+    let v = assess(&c.view(), &policy(), t0);
+    assert_eq!(
+        v,
+        Verdict::Promote {
+            old: 0,
+            candidate: 1,
+            cause: Cause::Crash
+        }
+    );
+}
+
+#[test]
+fn a_replica_that_still_hears_the_primary_blocks_promotion() {
+    let c = cluster();
+    let t0 = Instant::now();
+    fail(&c, 0, FailureKind::Crash, t0);
+    fail(&c, 0, FailureKind::Crash, t0 + Duration::from_millis(100));
+    replicas_lost_the_primary(&c);
+    ok(&c, 2, Sample::for_tests(true, 5000));
+    assert_eq!(
+        assess(&c.view(), &policy(), t0),
+        Verdict::PrimaryAlive { old: 0, witness: 2 }
+    );
+}
+
+#[test]
+fn a_silent_primary_is_dead_after_failover_timeout() {
+    let c = cluster();
+    let t0 = Instant::now();
+    fail(&c, 0, FailureKind::Timeout, t0);
+    fail(&c, 0, FailureKind::Timeout, t0 + Duration::from_secs(1));
+    replicas_lost_the_primary(&c);
+    assert_eq!(
+        assess(&c.view(), &policy(), t0 + Duration::from_secs(1)),
+        Verdict::Suspect
+    );
+    let later = Instant::now() + Duration::from_secs(4);
+    assert_eq!(
+        assess(&c.view(), &policy(), later),
+        Verdict::Promote {
+            old: 0,
+            candidate: 1,
+            cause: Cause::Unresponsive
+        }
+    );
+    let manual = Policy {
+        mode: FailoverMode::Manual,
+        ..policy()
+    };
+    assert_eq!(
+        assess(&c.view(), &manual, later),
+        Verdict::NotAutomatic {
+            old: 0,
+            cause: Cause::Unresponsive
+        }
+    );
+}
+
+#[test]
+fn election_skips_laggards_and_no_failover_and_prefers_position_when_synchronous() {
+    let c = cluster();
+    let view = c.view();
+    // pg2 is 100 bytes behind pg3: fine by priority, not when synchronous.
+    assert_eq!(elect(&view, Some(0), &policy(), false), Ok(1));
+    let sync = Policy {
+        synchronous: true,
+        ..policy()
+    };
+    assert_eq!(elect(&view, Some(0), &sync, false), Ok(2));
+    let strict = Policy {
+        max_failover_lag: 50,
+        ..policy()
+    };
+    assert_eq!(elect(&view, Some(0), &strict, false), Ok(2));
+    // Only laggards left: refused with the reasons, unless forced (then by priority).
+    let mut far = Sample::for_tests(true, 100);
+    far.receive_lsn = Some(Lsn(100));
+    ok(&c, 2, far);
+    let err = elect(&c.view(), Some(0), &strict, false).unwrap_err();
+    assert!(err.contains("pg2 is 100 bytes behind"), "{err}");
+    assert!(err.contains("pg3 is 4900 bytes behind"), "{err}");
+    assert_eq!(elect(&c.view(), Some(0), &strict, true), Ok(1));
+}

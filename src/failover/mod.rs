@@ -1,0 +1,567 @@
+//! Failover and switchover: the driver that acts on the controller's verdicts (promote,
+//! repoint, fence, rejoin), keeps replicas' `wal_receiver_timeout` short enough to serve as
+//! evidence and, with `synchronous`, the primary's `synchronous_standby_names` current; plus
+//! the planned switchover and forced promotion, and the history the admin console shows.
+
+pub mod actions;
+mod conninfo;
+pub mod controller;
+mod hook;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use parking_lot::Mutex;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+pub use controller::{Cause, Policy, Verdict};
+
+use crate::app::Shared;
+use crate::cluster::{ClusterView, Fence, NodeStatus, Role};
+use crate::config::ClusterConfig;
+
+/// How often the driver looks at the view even when nothing was published.
+const TICK: Duration = Duration::from_millis(50);
+/// A hook or tuning step that failed is retried after this long.
+const RETRY_AFTER: Duration = Duration::from_secs(30);
+const HOOK_LIMIT: Duration = Duration::from_secs(300);
+const EVENTS_KEPT: usize = 200;
+
+/// One promotion, as `SHOW FAILOVERS` lists it.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// The epoch of the new primary.
+    pub epoch: u64,
+    /// `failover`, `switchover` or `promote`.
+    pub kind: &'static str,
+    pub cause: String,
+    pub old: Option<String>,
+    pub new: String,
+    pub at: SystemTime,
+    /// Time spent in each phase, in order.
+    pub phases: Vec<(&'static str, Duration)>,
+    pub total: Duration,
+}
+
+/// Something the controller did or noticed, newest last.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub at: SystemTime,
+    pub node: String,
+    pub what: String,
+}
+
+#[derive(Default)]
+pub struct Failover {
+    history: Mutex<Vec<Record>>,
+    events: Mutex<VecDeque<Event>>,
+    /// Held while a promotion or switchover runs: one at a time.
+    running: tokio::sync::Mutex<()>,
+    /// (primary, value) last written to `synchronous_standby_names`.
+    sync_applied: Mutex<Option<(String, String)>>,
+}
+
+impl Failover {
+    pub fn history(&self) -> Vec<Record> {
+        self.history.lock().clone()
+    }
+
+    pub fn events(&self) -> Vec<Event> {
+        self.events.lock().iter().cloned().collect()
+    }
+
+    fn event(&self, node: &str, what: impl Into<String>) {
+        let what = what.into();
+        info!(node, "{what}");
+        let mut events = self.events.lock();
+        if events.len() == EVENTS_KEPT {
+            events.pop_front();
+        }
+        events.push_back(Event {
+            at: SystemTime::now(),
+            node: node.to_owned(),
+            what,
+        });
+    }
+}
+
+pub fn policy(cfg: &ClusterConfig) -> Policy {
+    Policy {
+        mode: cfg.failover,
+        failover_timeout: cfg.failover_timeout.0,
+        max_failover_lag: cfg.max_failover_lag.0,
+        synchronous: cfg.synchronous,
+    }
+}
+
+/// The `wal_receiver_timeout` pgpilot wants on replicas: two thirds of `failover_timeout`
+/// (at least one second), so a hung primary loses its receivers before it is declared dead
+/// and a live one is heard from well within it.
+pub fn wanted_receiver_timeout(cfg: &ClusterConfig) -> Duration {
+    (cfg.failover_timeout.0 * 2 / 3).max(Duration::from_secs(1))
+}
+
+#[derive(Default)]
+struct Driver {
+    fenced: HashSet<usize>,
+    /// When a hook or tuning step last started, per (what, node).
+    attempts: HashMap<(&'static str, usize), Instant>,
+    last_verdict: Option<Verdict>,
+    last_nudge: Option<Instant>,
+}
+
+impl Driver {
+    /// True (and remembered) when `what` on `node` was not attempted within `RETRY_AFTER`.
+    fn due(&mut self, what: &'static str, node: usize) -> bool {
+        let now = Instant::now();
+        match self.attempts.get(&(what, node)) {
+            Some(t) if now.duration_since(*t) < RETRY_AFTER => false,
+            _ => {
+                self.attempts.insert((what, node), now);
+                true
+            }
+        }
+    }
+}
+
+/// The background driver; returns when `stop` is cancelled.
+pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut rx = shared.cluster.subscribe();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut d = Driver::default();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = rx.changed() => {}
+            _ = tick.tick() => {}
+        }
+        let view = shared.cluster.view();
+        let cfg = shared.config().cluster.clone();
+        handle_fences(&shared, &view, &cfg, &mut d);
+        tune_receivers(&shared, &view, &cfg, &mut d);
+        if cfg.synchronous {
+            keep_synchronous_names(&shared, &view, &cfg);
+        }
+        let verdict = controller::assess(&view, &policy(&cfg), Instant::now());
+        if d.last_verdict.as_ref() != Some(&verdict) {
+            log_verdict(&shared, &view, &verdict);
+            d.last_verdict = Some(verdict.clone());
+        }
+        match verdict {
+            Verdict::NeedEvidence { stale, .. } => {
+                let now = Instant::now();
+                if d.last_nudge
+                    .is_none_or(|t| now.duration_since(t) >= TICK * 2)
+                {
+                    d.last_nudge = Some(now);
+                    for i in stale {
+                        shared.cluster.probe_now(i);
+                    }
+                }
+            }
+            Verdict::Promote {
+                old,
+                candidate,
+                cause,
+            } => {
+                let Ok(_guard) = shared.failover.running.try_lock() else {
+                    continue;
+                };
+                fail_over(&shared, &view, old, candidate, cause).await;
+            }
+            _ => {}
+        }
+    }
+}
+
+fn log_verdict(shared: &Shared, view: &ClusterView, verdict: &Verdict) {
+    let name = |i: usize| view.nodes[i].name.as_str();
+    match verdict {
+        Verdict::PrimaryAlive { old, witness } => shared.failover.event(
+            name(*old),
+            format!(
+                "unreachable from pgpilot, but {} still hears from it: no promotion",
+                name(*witness)
+            ),
+        ),
+        Verdict::NotAutomatic { old, cause } => shared.failover.event(
+            name(*old),
+            format!("primary lost ({cause}); failover is not automatic: waiting for an operator"),
+        ),
+        Verdict::NoCandidate { old, cause, why } => shared.failover.event(
+            name(*old),
+            format!("primary lost ({cause}); no replica may take over: {why}"),
+        ),
+        _ => {}
+    }
+}
+
+/// Closes every server connection to newly fenced nodes, notes unfencing, and runs
+/// `rejoin_command` on fenced nodes that are up and still claim the primary role.
+fn handle_fences(shared: &Arc<Shared>, view: &ClusterView, cfg: &ClusterConfig, d: &mut Driver) {
+    for (i, n) in view.nodes.iter().enumerate() {
+        if n.fenced.is_none() {
+            if d.fenced.remove(&i) {
+                shared
+                    .failover
+                    .event(&n.name, "unfenced: streaming from the elected primary");
+            }
+            continue;
+        }
+        if d.fenced.insert(i) {
+            let closed = shared.pools.abort_node(&n.name);
+            shared.failover.event(
+                &n.name,
+                format!("fenced: no routing, {closed} server connections closed"),
+            );
+        }
+        let Some(cmd) = &cfg.rejoin_command else {
+            continue;
+        };
+        if n.fenced == Some(Fence::Claim) && n.claims_primary() && d.due("rejoin", i) {
+            let line = hook::expand(cmd, &hook::variables(n, view.elected()));
+            let (shared, name) = (shared.clone(), n.name.clone());
+            shared
+                .failover
+                .event(&name, format!("running rejoin_command: {line}"));
+            tokio::spawn(async move {
+                match hook::run(&line, HOOK_LIMIT).await {
+                    Ok(_) => shared.failover.event(&name, "rejoin_command succeeded"),
+                    Err(e) => shared
+                        .failover
+                        .event(&name, format!("rejoin_command failed: {e}")),
+                }
+            });
+        }
+    }
+}
+
+fn tune_receivers(shared: &Arc<Shared>, view: &ClusterView, cfg: &ClusterConfig, d: &mut Driver) {
+    if !cfg.tune_wal_receiver_timeout {
+        return;
+    }
+    let wanted = wanted_receiver_timeout(cfg);
+    for (i, n) in view.nodes.iter().enumerate() {
+        let Some(ms) = n.sample.as_ref().and_then(|s| s.wal_receiver_timeout_ms) else {
+            continue;
+        };
+        let too_long = ms == 0 || ms > wanted.as_millis() as u64;
+        if !(n.healthy && n.role == Role::Replica && too_long && d.due("tune", i)) {
+            continue;
+        }
+        let (shared, node, cfg) = (shared.clone(), n.clone(), cfg.clone());
+        tokio::spawn(async move {
+            match actions::set_wal_receiver_timeout(&cfg, &node, wanted).await {
+                Ok(()) => shared.failover.event(
+                    &node.name,
+                    format!("wal_receiver_timeout lowered from {ms}ms to {wanted:?}"),
+                ),
+                Err(e) => {
+                    shared
+                        .failover
+                        .event(&node.name, format!("cannot set wal_receiver_timeout: {e}"));
+                }
+            }
+        });
+    }
+}
+
+/// Healthy, unfenced replicas other than `except`, by name.
+fn live_replicas(view: &ClusterView, except: &[usize]) -> Vec<String> {
+    let mut names: Vec<String> = view
+        .nodes
+        .iter()
+        .enumerate()
+        .filter(|(i, n)| {
+            !except.contains(i) && n.healthy && n.role == Role::Replica && n.fenced.is_none()
+        })
+        .map(|(_, n)| n.name.clone())
+        .collect();
+    names.sort();
+    names
+}
+
+fn keep_synchronous_names(shared: &Arc<Shared>, view: &ClusterView, cfg: &ClusterConfig) {
+    let (Some(p), Some(pi)) = (view.primary(), view.primary) else {
+        return;
+    };
+    let value = actions::synchronous_names(&live_replicas(view, &[pi]));
+    let key = (p.name.clone(), value.clone());
+    {
+        let mut applied = shared.failover.sync_applied.lock();
+        if applied.as_ref() == Some(&key) {
+            return;
+        }
+        // Claimed before the write so one change is applied once; undone on failure.
+        *applied = Some(key.clone());
+    }
+    let (shared, node, cfg) = (shared.clone(), p.clone(), cfg.clone());
+    tokio::spawn(async move {
+        match actions::set_synchronous_names(&cfg, &node, &value).await {
+            Ok(()) => shared
+                .failover
+                .event(&node.name, format!("synchronous_standby_names = '{value}'")),
+            Err(e) => {
+                warn!(node = %node.name, error = %e, "cannot set synchronous_standby_names");
+                let mut applied = shared.failover.sync_applied.lock();
+                if applied.as_ref() == Some(&key) {
+                    *applied = None;
+                }
+            }
+        }
+    });
+}
+
+async fn fail_over(
+    shared: &Arc<Shared>,
+    view: &ClusterView,
+    old: usize,
+    candidate: usize,
+    cause: Cause,
+) {
+    let confirmed = Instant::now();
+    let since = view.nodes[old]
+        .failure
+        .as_ref()
+        .map_or(confirmed, |f| f.since);
+    let (old_name, new_name) = (&view.nodes[old].name, &view.nodes[candidate].name);
+    shared.failover.event(
+        old_name,
+        format!("primary lost ({cause}): promoting {new_name}"),
+    );
+    match promote_and_repoint(shared, Some(old), candidate).await {
+        Ok((promote, repoint)) => {
+            let record = Record {
+                epoch: shared.cluster.view().epoch,
+                kind: "failover",
+                cause: cause.to_string(),
+                old: Some(old_name.clone()),
+                new: new_name.clone(),
+                at: SystemTime::now(),
+                phases: vec![
+                    ("detect", confirmed.duration_since(since)),
+                    ("promote", promote),
+                    ("repoint", repoint),
+                ],
+                total: since.elapsed(),
+            };
+            finish(shared, record);
+        }
+        Err(e) => shared
+            .failover
+            .event(new_name, format!("promotion failed: {e}")),
+    }
+}
+
+fn finish(shared: &Shared, record: Record) {
+    shared.failover.event(
+        &record.new,
+        format!(
+            "{} complete: {} is primary ({:?} in all, {})",
+            record.kind,
+            record.new,
+            record.total,
+            record
+                .phases
+                .iter()
+                .map(|(p, d)| format!("{p} {d:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    );
+    shared.failover.history.lock().push(record);
+}
+
+/// Promotes `candidate`, makes it the elected primary (with `synchronous`, after pointing its
+/// `synchronous_standby_names` at the other live replicas), then repoints those replicas.
+/// Returns the time spent promoting and repointing.
+async fn promote_and_repoint(
+    shared: &Arc<Shared>,
+    old: Option<usize>,
+    candidate: usize,
+) -> Result<(Duration, Duration), String> {
+    let cfg = shared.config().cluster.clone();
+    let started = Instant::now();
+    let view = shared.cluster.view();
+    let node = view.nodes[candidate].clone();
+    let sample = actions::promote(&cfg, &node).await?;
+    let except: Vec<usize> = old.into_iter().chain([candidate]).collect();
+    let others = live_replicas(&view, &except);
+    if cfg.synchronous {
+        let value = actions::synchronous_names(&others);
+        match actions::set_synchronous_names(&cfg, &node, &value).await {
+            Ok(()) => *shared.failover.sync_applied.lock() = Some((node.name.clone(), value)),
+            Err(e) => warn!(node = %node.name, error = %e, "cannot set synchronous_standby_names"),
+        }
+    }
+    shared.cluster.install_primary(candidate, &sample);
+    let promoted = started.elapsed();
+
+    let started = Instant::now();
+    let mut tasks = JoinSet::new();
+    for name in others {
+        let Some(replica) = view.nodes.iter().find(|n| n.name == name).cloned() else {
+            continue;
+        };
+        let (cfg, primary) = (cfg.clone(), node.clone());
+        tasks.spawn(async move {
+            let r = actions::repoint(&cfg, &replica, &primary).await;
+            (replica.name, r)
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        match done {
+            Ok((name, Ok(()))) => shared
+                .failover
+                .event(&name, format!("repointed to {}", node.name)),
+            Ok((name, Err(e))) => shared
+                .failover
+                .event(&name, format!("repointing failed: {e}")),
+            Err(e) => warn!(error = %e, "repoint task failed"),
+        }
+    }
+    Ok((promoted, started.elapsed()))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SwitchoverError {
+    #[error("no elected primary is up")]
+    NoPrimary,
+    #[error("no node named \"{0}\"")]
+    UnknownNode(String),
+    #[error("{0} is not a healthy, unfenced replica")]
+    NotReplica(String),
+    #[error("no candidate: {0}")]
+    NoCandidate(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Planned switchover to `target` (or the best replica): new writes wait, in-flight ones
+/// drain (bounded by half of `switchover_timeout`), the old primary is fenced, the candidate
+/// replays the old primary's last WAL position, `demote_command` runs if configured, then the
+/// candidate is promoted and the others repointed. Writes resume on the new primary.
+pub async fn switchover(
+    shared: &Arc<Shared>,
+    target: Option<&str>,
+) -> Result<Record, SwitchoverError> {
+    let _guard = shared.failover.running.lock().await;
+    let cfg = shared.config().cluster.clone();
+    let started = Instant::now();
+    let view = shared.cluster.view();
+    let old = view.primary.ok_or(SwitchoverError::NoPrimary)?;
+    let candidate = match target {
+        Some(name) => {
+            let i = view
+                .index_of(name)
+                .ok_or_else(|| SwitchoverError::UnknownNode(name.to_owned()))?;
+            let n = &view.nodes[i];
+            if i == old || !n.healthy || n.role != Role::Replica || n.fenced.is_some() {
+                return Err(SwitchoverError::NotReplica(name.to_owned()));
+            }
+            i
+        }
+        None => controller::elect(&view, Some(old), &policy(&cfg), false)
+            .map_err(SwitchoverError::NoCandidate)?,
+    };
+    let old_node = view.nodes[old].clone();
+    let cand_node = view.nodes[candidate].clone();
+    shared.failover.event(
+        &old_node.name,
+        format!("switchover to {} started: new writes wait", cand_node.name),
+    );
+    shared.cluster.set_paused(true);
+    let deadline = started + cfg.switchover_timeout.0;
+    let steps = async {
+        let drain_until = started + cfg.switchover_timeout.0 / 2;
+        while shared.pools.active_on(&old_node.name) > 0 && Instant::now() < drain_until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let drained = started.elapsed();
+        shared.cluster.set_fence(old, Some(Fence::Claim));
+        shared.pools.abort_node(&old_node.name);
+        let t = Instant::now();
+        let lsn = actions::current_lsn(&cfg, &old_node).await?;
+        actions::wait_replayed(&cfg, &cand_node, lsn, deadline).await?;
+        let caught_up = t.elapsed();
+        let t = Instant::now();
+        if let Some(cmd) = &cfg.demote_command {
+            let line = hook::expand(cmd, &hook::variables(&old_node, Some(&cand_node)));
+            hook::run(&line, HOOK_LIMIT)
+                .await
+                .map_err(|e| format!("demote_command failed: {e}"))?;
+        }
+        let demoted = t.elapsed();
+        let (promote, repoint) = promote_and_repoint(shared, Some(old), candidate).await?;
+        Ok::<_, String>(vec![
+            ("drain", drained),
+            ("catch-up", caught_up),
+            ("demote", demoted),
+            ("promote", promote),
+            ("repoint", repoint),
+        ])
+    }
+    .await;
+    shared.cluster.set_paused(false);
+    match steps {
+        Ok(phases) => {
+            let record = Record {
+                epoch: shared.cluster.view().epoch,
+                kind: "switchover",
+                cause: "planned".into(),
+                old: Some(old_node.name.clone()),
+                new: cand_node.name.clone(),
+                at: SystemTime::now(),
+                phases,
+                total: started.elapsed(),
+            };
+            finish(shared, record.clone());
+            Ok(record)
+        }
+        Err(e) => {
+            // Still the old primary: writes go back to it.
+            if shared.cluster.view().elected == Some(old) {
+                shared.cluster.set_fence(old, None);
+            }
+            shared
+                .failover
+                .event(&old_node.name, format!("switchover failed: {e}"));
+            Err(SwitchoverError::Failed(e))
+        }
+    }
+}
+
+/// Promotes `name` on an operator's word, skipping the health verdict and lag limits.
+pub async fn promote(shared: &Arc<Shared>, name: &str) -> Result<Record, SwitchoverError> {
+    let _guard = shared.failover.running.lock().await;
+    let started = Instant::now();
+    let view = shared.cluster.view();
+    let i = view
+        .index_of(name)
+        .ok_or_else(|| SwitchoverError::UnknownNode(name.to_owned()))?;
+    let n: &NodeStatus = &view.nodes[i];
+    if !n.healthy || n.role != Role::Replica {
+        return Err(SwitchoverError::NotReplica(name.to_owned()));
+    }
+    let old = view.elected;
+    let (promote, repoint) = promote_and_repoint(shared, old, i)
+        .await
+        .map_err(SwitchoverError::Failed)?;
+    let record = Record {
+        epoch: shared.cluster.view().epoch,
+        kind: "promote",
+        cause: "operator".into(),
+        old: old.map(|o| view.nodes[o].name.clone()),
+        new: name.to_owned(),
+        at: SystemTime::now(),
+        phases: vec![("promote", promote), ("repoint", repoint)],
+        total: started.elapsed(),
+    };
+    finish(shared, record.clone());
+    Ok(record)
+}

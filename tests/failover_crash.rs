@@ -1,0 +1,164 @@
+//! The primary crashes under a write load: pgpilot promotes pg2 (highest priority), repoints
+//! pg3, and the writers keep their connections; with `synchronous = true` no acknowledged
+//! write is lost. The old primary, started again as it was, is fenced and then rejoined as a
+//! replica by the devcluster's rejoin script.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::load::{LEDGER, WriteLoad, check_ledger};
+use common::{config, eventually, start_cluster, start_proxy};
+use pgpilot::cluster::{Fence, Role};
+use pgpilot::devcluster::DevClusterOptions;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_primary_is_replaced_without_losing_writes_or_clients() {
+    let c = Arc::new(start_cluster(DevClusterOptions::default()));
+    c.psql(0, "app", LEDGER).unwrap();
+    let proxy = start_proxy(config(&c, |cfg| cfg.cluster.synchronous = true)).await;
+    let shared = proxy.shared.clone();
+    let cc = c.clone();
+    eventually(
+        Duration::from_secs(20),
+        "synchronous_standby_names on pg1",
+        || {
+            let c = cc.clone();
+            async move {
+                tokio::task::spawn_blocking(move || {
+                    c.psql(0, "postgres", "SHOW synchronous_standby_names")
+                })
+                .await
+                .unwrap()
+                .is_ok_and(|v| v == "ANY 1 (\"pg2\", \"pg3\")")
+            }
+        },
+    )
+    .await;
+    let idle = proxy.connect().await;
+    let load = WriteLoad::start(&proxy, 4, Duration::from_millis(20)).await;
+    let (pg1, pg2) = (c.port(0), c.port(1));
+    eventually(Duration::from_secs(10), "writes on pg1", || {
+        let n = load.served_by(pg1);
+        async move { n >= 20 }
+    })
+    .await;
+
+    let k = c.clone();
+    tokio::task::spawn_blocking(move || k.stop_node(0, "immediate"))
+        .await
+        .unwrap()
+        .unwrap();
+    let killed = Instant::now();
+    eventually(Duration::from_secs(15), "writes on pg2", || {
+        let n = load.served_by(pg2);
+        async move { n > 0 }
+    })
+    .await;
+    let resumed = killed.elapsed();
+    eventually(Duration::from_secs(10), "more writes on pg2", || {
+        let n = load.served_by(pg2);
+        async move { n >= 40 }
+    })
+    .await;
+    let reports = load.stop().await;
+    let (acked, errors) = check_ledger(&c, 1, &reports, 1);
+    eprintln!("writes resumed {resumed:?} after the kill; {acked} acknowledged, {errors} errors");
+
+    let view = shared.cluster.view();
+    assert_eq!(view.primary().map(|p| p.name.as_str()), Some("pg2"));
+    assert_eq!(view.nodes[0].fenced, Some(Fence::Claim));
+    let history = shared.failover.history();
+    assert_eq!(history.len(), 1, "{history:?}");
+    assert_eq!(
+        (
+            history[0].old.as_deref(),
+            history[0].new.as_str(),
+            history[0].cause.as_str()
+        ),
+        (Some("pg1"), "pg2", "crash")
+    );
+    eprintln!("failover record: {:?}", history[0]);
+    // The idle client's connection survived and writes on the new primary.
+    let port: i32 = idle
+        .query_one(
+            "INSERT INTO ledger VALUES (99, 1) RETURNING inet_server_port()",
+            &[],
+        )
+        .await
+        .expect("the idle client still works")
+        .get(0);
+    assert_eq!(port as u16, pg2);
+    // pg3 follows pg2, and pg2 waits for it to acknowledge commits.
+    let cc = c.clone();
+    eventually(Duration::from_secs(20), "pg3 streaming from pg2", || {
+        let c = cc.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                c.psql(
+                    1,
+                    "postgres",
+                    "SELECT application_name || ':' || sync_state FROM pg_stat_replication",
+                )
+            })
+            .await
+            .unwrap()
+            .is_ok_and(|v| v.lines().any(|l| l == "pg3:quorum"))
+        }
+    })
+    .await;
+
+    // The old primary comes back as it was: fenced, then rejoined as pg2's replica.
+    let k = c.clone();
+    tokio::task::spawn_blocking(move || k.start_node(0))
+        .await
+        .unwrap()
+        .unwrap();
+    let events = || -> Vec<String> {
+        shared
+            .failover
+            .events()
+            .into_iter()
+            .filter(|e| e.node == "pg1")
+            .map(|e| e.what)
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = shared.cluster.view();
+        if v.nodes[0].role == Role::Replica && v.nodes[0].fenced.is_none() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pg1 did not rejoin: {:#?}",
+            events()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let events = events();
+    assert!(
+        events.iter().any(|e| e == "rejoin_command succeeded"),
+        "{events:#?}"
+    );
+    assert!(
+        events.iter().any(|e| e.starts_with("unfenced")),
+        "{events:#?}"
+    );
+    // Rewound: it holds the writes acknowledged by pg2, including the idle client's.
+    let cc = c.clone();
+    eventually(Duration::from_secs(20), "pg1 replayed pg2's writes", || {
+        let c = cc.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                c.psql(0, "app", "SELECT count(*) FROM ledger WHERE writer = 99")
+            })
+            .await
+            .unwrap()
+            .is_ok_and(|v| v == "1")
+        }
+    })
+    .await;
+    proxy.shutdown().await;
+}
