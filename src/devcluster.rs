@@ -124,6 +124,9 @@ impl DevCluster {
             "shared_buffers = 32MB".into(),
             "log_min_messages = warning".into(),
             "hot_standby_feedback = on".into(),
+            // pg_rewind (the rejoin script) reads the old primary's WAL back to the last
+            // common checkpoint: keep enough of it.
+            "wal_keep_size = '256MB'".into(),
         ];
         if let Some((cert, key)) = &opts.tls {
             let (dest_cert, dest_key) = (dir.join("server.crt"), dir.join("server.key"));

@@ -115,6 +115,7 @@ async fn a_crashed_primary_is_replaced_without_losing_writes_or_clients() {
         .await
         .unwrap()
         .unwrap();
+    common::wait_rejoined(&shared, 0, Duration::from_secs(60)).await;
     let events = || -> Vec<String> {
         shared
             .failover
@@ -124,19 +125,6 @@ async fn a_crashed_primary_is_replaced_without_losing_writes_or_clients() {
             .map(|e| e.what)
             .collect()
     };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let v = shared.cluster.view();
-        if v.nodes[0].role == Role::Replica && v.nodes[0].fenced.is_none() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "pg1 did not rejoin: {:#?}",
-            events()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     let events = events();
     assert!(
         events.iter().any(|e| e == "rejoin_command succeeded"),

@@ -61,8 +61,10 @@ pub struct Failover {
     events: Mutex<VecDeque<Event>>,
     /// Held while a promotion or switchover runs: one at a time.
     running: tokio::sync::Mutex<()>,
-    /// (primary, value) last written to `synchronous_standby_names`.
+    /// (primary, value) wanted in `synchronous_standby_names`, claimed before it is written.
     sync_applied: Mutex<Option<(String, String)>>,
+    /// Serialises those writes, in the order they were claimed.
+    sync_writer: tokio::sync::Mutex<()>,
 }
 
 impl Failover {
@@ -223,8 +225,12 @@ fn handle_fences(shared: &Arc<Shared>, view: &ClusterView, cfg: &ClusterConfig, 
         let Some(cmd) = &cfg.rejoin_command else {
             continue;
         };
+        // Only once another node is the primary to follow (not mid-switchover).
+        let Some(primary) = view.primary().filter(|p| p.name != n.name) else {
+            continue;
+        };
         if n.fenced == Some(Fence::Claim) && n.claims_primary() && d.due("rejoin", i) {
-            let line = hook::expand(cmd, &hook::variables(n, view.elected()));
+            let line = hook::expand(cmd, &hook::variables(n, Some(primary)));
             let (shared, name) = (shared.clone(), n.name.clone());
             shared
                 .failover
@@ -290,6 +296,14 @@ fn keep_synchronous_names(shared: &Arc<Shared>, view: &ClusterView, cfg: &Cluste
     let (Some(p), Some(pi)) = (view.primary(), view.primary) else {
         return;
     };
+    // Not before every node was probed once: a replica not yet seen is not a dead one.
+    if view
+        .nodes
+        .iter()
+        .any(|n| n.sample.is_none() && n.failure.is_none())
+    {
+        return;
+    }
     let value = actions::synchronous_names(&live_replicas(view, &[pi]));
     let key = (p.name.clone(), value.clone());
     {
@@ -302,6 +316,10 @@ fn keep_synchronous_names(shared: &Arc<Shared>, view: &ClusterView, cfg: &Cluste
     }
     let (shared, node, cfg) = (shared.clone(), p.clone(), cfg.clone());
     tokio::spawn(async move {
+        let _turn = shared.failover.sync_writer.lock().await;
+        if shared.failover.sync_applied.lock().as_ref() != Some(&key) {
+            return; // superseded by a newer value, written after this one
+        }
         match actions::set_synchronous_names(&cfg, &node, &value).await {
             Ok(()) => shared
                 .failover

@@ -167,4 +167,71 @@ where
 }
 pub mod load;
 pub mod raw;
+pub mod relay;
 pub mod tls;
+
+/// Polls `sql` on node `i` (psql as the superuser) until its output satisfies `ok`.
+pub async fn node_eventually(
+    c: &std::sync::Arc<DevCluster>,
+    i: usize,
+    sql: &str,
+    timeout: Duration,
+    ok: impl Fn(&str) -> bool,
+) {
+    let what = format!("`{sql}` on {}", c.nodes()[i].name);
+    let ok = &ok;
+    eventually(timeout, &what, || {
+        let (c, sql) = (c.clone(), sql.to_owned());
+        async move {
+            tokio::task::spawn_blocking(move || c.psql(i, "app", &sql))
+                .await
+                .expect("psql task")
+                .is_ok_and(|v| ok(&v))
+        }
+    })
+    .await;
+}
+
+/// Waits until the proxy has probed every node and lowered the replicas'
+/// `wal_receiver_timeout` to what failover detection needs.
+pub async fn wait_failover_ready(shared: &pgpilot::app::Shared) {
+    let wanted = pgpilot::failover::wanted_receiver_timeout(&shared.config().cluster);
+    let ms = wanted.as_millis() as u64;
+    eventually(Duration::from_secs(20), "receivers tuned", || {
+        let v = shared.cluster.view();
+        async move {
+            v.primary.is_some()
+                && v.nodes.iter().filter(|n| n.healthy).count() == v.nodes.len()
+                && v.nodes
+                    .iter()
+                    .filter_map(|n| n.sample.as_ref())
+                    .filter(|s| s.in_recovery)
+                    .all(|s| s.wal_receiver_timeout_ms.is_some_and(|t| t > 0 && t <= ms))
+        }
+    })
+    .await;
+}
+
+/// Waits until node `i` is an unfenced replica again; on timeout, fails with the failover
+/// events about it.
+pub async fn wait_rejoined(shared: &pgpilot::app::Shared, i: usize, timeout: Duration) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let v = shared.cluster.view();
+        let n = &v.nodes[i];
+        if n.role == pgpilot::cluster::Role::Replica && n.fenced.is_none() {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let events: Vec<String> = shared
+                .failover
+                .events()
+                .into_iter()
+                .filter(|e| e.node == n.name)
+                .map(|e| e.what)
+                .collect();
+            panic!("{} did not rejoin: {events:#?}", n.name);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,88 @@
+//! The primary hangs (every process SIGSTOPped: no connection is reset). pgpilot declares it
+//! dead after `failover_timeout` (the replicas lost it too: their `wal_receiver_timeout` was
+//! lowered by pgpilot), promotes pg2, and aborts the statements stuck on pg1. Thawed, pg1
+//! still claims to be primary: it is fenced and gets no write.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::load::{LEDGER, WriteLoad, check_ledger};
+use common::{config, eventually, node_eventually, start_cluster, start_proxy};
+use pgpilot::cluster::{Fence, Role};
+use pgpilot::devcluster::DevClusterOptions;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_primary_is_replaced_and_fenced_when_it_wakes_up() {
+    let c = Arc::new(start_cluster(DevClusterOptions::default()));
+    c.psql(0, "app", LEDGER).unwrap();
+    let proxy = start_proxy(config(&c, |cfg| {
+        cfg.cluster.synchronous = true;
+        cfg.cluster.rejoin_command = None;
+    }))
+    .await;
+    let shared = proxy.shared.clone();
+    common::wait_failover_ready(&shared).await;
+    node_eventually(
+        &c,
+        0,
+        "SHOW synchronous_standby_names",
+        Duration::from_secs(10),
+        |v| v.contains("pg2") && v.contains("pg3"),
+    )
+    .await;
+    let load = WriteLoad::start(&proxy, 3, Duration::from_millis(20)).await;
+    let (pg1, pg2) = (c.port(0), c.port(1));
+    eventually(Duration::from_secs(10), "writes on pg1", || {
+        let n = load.served_by(pg1);
+        async move { n >= 20 }
+    })
+    .await;
+
+    c.signal_node(0, "STOP").unwrap();
+    let frozen = Instant::now();
+    eventually(Duration::from_secs(20), "writes on pg2", || {
+        let n = load.served_by(pg2);
+        async move { n > 0 }
+    })
+    .await;
+    let resumed = frozen.elapsed();
+    let history = shared.failover.history();
+    assert_eq!(history.len(), 1, "{history:?}");
+    assert_eq!(history[0].cause, "unresponsive");
+    eprintln!(
+        "writes resumed {resumed:?} after SIGSTOP (failover_timeout {:?}); {:?}",
+        shared.config().cluster.failover_timeout.0,
+        history[0]
+    );
+
+    c.signal_node(0, "CONT").unwrap();
+    eventually(Duration::from_secs(20), "pg1 seen again, fenced", || {
+        let v = shared.cluster.view();
+        async move {
+            let n = &v.nodes[0];
+            n.healthy && n.role == Role::Primary && n.fenced == Some(Fence::Claim)
+        }
+    })
+    .await;
+    let rows_on_pg1 = c.psql(0, "app", "SELECT count(*) FROM ledger").unwrap();
+    let before = load.served_by(pg2);
+    eventually(Duration::from_secs(20), "more writes on pg2", || {
+        let n = load.served_by(pg2);
+        async move { n >= before + 40 }
+    })
+    .await;
+    let reports = load.stop().await;
+    let (acked, errors) = check_ledger(&c, 1, &reports, 1);
+    eprintln!("{acked} writes acknowledged, {errors} errors");
+    assert_eq!(
+        c.psql(0, "app", "SELECT count(*) FROM ledger").unwrap(),
+        rows_on_pg1,
+        "the fenced old primary got writes"
+    );
+    let view = shared.cluster.view();
+    assert_eq!(view.primary().map(|p| p.name.as_str()), Some("pg2"));
+    assert_eq!(view.nodes[0].fenced, Some(Fence::Claim));
+    proxy.shutdown().await;
+}
