@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::load::{LEDGER, WriteLoad, check_ledger};
 use common::{config, eventually, start_cluster, start_proxy};
-use pgpilot::cluster::{Fence, Role};
+use pgpilot::cluster::Fence;
 use pgpilot::devcluster::DevClusterOptions;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
