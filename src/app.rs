@@ -52,6 +52,8 @@ pub struct Shared {
     pub clients: AtomicUsize,
     /// Cancelled when a graceful shutdown begins.
     pub shutdown: CancellationToken,
+    /// Cancelled by the admin console's SHUTDOWN: the proxy shuts down gracefully.
+    pub stop: CancellationToken,
     /// Failover history and the lock that serialises promotions.
     pub failover: crate::failover::Failover,
 }
@@ -102,6 +104,7 @@ impl Proxy {
             clients: AtomicUsize::new(0),
             shutdown: CancellationToken::new(),
             failover: crate::failover::Failover::default(),
+            stop: CancellationToken::new(),
         });
         Ok(Proxy {
             shared,
@@ -139,6 +142,7 @@ impl Proxy {
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
+                _ = shared.stop.cancelled() => break,
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
                         tracker.spawn(crate::client::serve(tcp, peer, shared.clone()));

@@ -18,6 +18,7 @@
 //! - [`auth`]: client authentication; [`server`]: backend connections and their authentication.
 //! - [`client`]: the per-client task; [`pool`]: pools and the checkout guard.
 //! - [`cluster`]: the topology snapshot and probes; [`router`]: where work goes.
+//! - [`admin`]: the PgBouncer-compatible admin console (`SHOW ...`, `SWITCHOVER`, `FENCE`).
 //! - [`failover`]: the failover controller (a pure verdict function) and its driver,
 //!   switchover and forced promotion.
 //! - [`config`]: the TOML surface; [`net`]: sockets and TLS; [`app`]: wiring and shutdown.
@@ -36,6 +37,7 @@
 #![forbid(unsafe_code)]
 #![warn(rust_2018_idioms, unused_qualifications)]
 
+pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod client;

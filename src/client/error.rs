@@ -22,8 +22,10 @@ pub enum ClientError {
     UnknownDatabase(String),
     #[error("sorry, too many clients already")]
     TooManyClients,
-    #[error("the admin console is not available in this build")]
-    AdminConsole,
+    #[error("user \"{0}\" is not allowed to use the admin console")]
+    AdminDenied(String),
+    #[error("the admin console speaks only the simple query protocol")]
+    AdminProtocol,
     #[error("no {0} is available")]
     NoNode(&'static str),
     #[error(transparent)]
@@ -63,9 +65,9 @@ impl ClientError {
             ClientError::Auth(AuthError::Protocol(_)) => fatal(sqlstate::PROTOCOL_VIOLATION),
             ClientError::TlsRequired => fatal(sqlstate::INVALID_AUTHORIZATION),
             ClientError::TlsHandshake(_) => None,
-            ClientError::UnknownDatabase(_) | ClientError::AdminConsole => {
-                fatal(sqlstate::INVALID_CATALOG_NAME)
-            }
+            ClientError::UnknownDatabase(_) => fatal(sqlstate::INVALID_CATALOG_NAME),
+            ClientError::AdminDenied(_) => fatal(sqlstate::INVALID_AUTHORIZATION),
+            ClientError::AdminProtocol => fatal(sqlstate::PROTOCOL_VIOLATION),
             ClientError::TooManyClients => fatal(sqlstate::TOO_MANY_CONNECTIONS),
             ClientError::NoNode(_) => fatal(sqlstate::CANNOT_CONNECT_NOW),
             ClientError::Pool(PoolError::CheckoutTimeout(_)) => fatal(sqlstate::QUERY_WAIT_TIMEOUT),

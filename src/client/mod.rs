@@ -99,7 +99,7 @@ where
         .await
         .map_err(crate::protocol::ProtocolError::Io)?;
     if is_admin_database(database) {
-        return Err(ClientError::AdminConsole);
+        return crate::admin::serve(reader, wr, shared, user).await;
     }
     let db = config
         .database(database)

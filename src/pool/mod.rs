@@ -49,6 +49,8 @@ pub struct Pool {
     opened: AtomicUsize,
     /// Server connections closed over the pool's life.
     closed: AtomicUsize,
+    /// Clients waiting for a connection to free up.
+    waiting: AtomicUsize,
     /// Cancelled (and replaced) when the node is fenced: sessions on its connections end.
     abort: Mutex<CancellationToken>,
 }
@@ -64,15 +66,22 @@ impl Pool {
             opened: AtomicUsize::new(0),
             closed: AtomicUsize::new(0),
             abort: Mutex::new(CancellationToken::new()),
+            waiting: AtomicUsize::new(0),
         })
     }
 
     /// Borrows a connection, waiting up to `wait` for one to free up.
     pub async fn checkout(self: &Arc<Self>, wait: Duration) -> Result<PooledConn, PoolError> {
-        let permit = tokio::time::timeout(wait, self.permits.clone().acquire_owned())
-            .await
-            .map_err(|_| PoolError::CheckoutTimeout(wait))?
-            .map_err(|_| PoolError::CheckoutTimeout(wait))?;
+        let permit = match self.permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                self.waiting.fetch_add(1, Ordering::Relaxed);
+                let got = tokio::time::timeout(wait, self.permits.clone().acquire_owned()).await;
+                self.waiting.fetch_sub(1, Ordering::Relaxed);
+                got.map_err(|_| PoolError::CheckoutTimeout(wait))?
+                    .map_err(|_| PoolError::CheckoutTimeout(wait))?
+            }
+        };
         let now = Instant::now();
         loop {
             let Some(conn) = self.idle.lock().pop() else {
@@ -164,6 +173,10 @@ impl Pool {
         let idle = std::mem::take(&mut *self.idle.lock());
         self.closed.fetch_add(idle.len(), Ordering::Relaxed);
         active + idle.len()
+    }
+
+    pub fn waiting_count(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
     }
 
     pub fn idle_count(&self) -> usize {

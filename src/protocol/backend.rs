@@ -136,6 +136,27 @@ pub fn error_response(buf: &mut BytesMut, severity: Severity, code: &str, messag
     });
 }
 
+/// A NOTICE with a message and an optional detail (used by the admin console).
+pub fn notice(buf: &mut BytesMut, message: &str, detail: Option<&str>) {
+    write_message(buf, NOTICE_RESPONSE, |b| {
+        for (kind, value) in [(b'S', "NOTICE"), (b'V', "NOTICE"), (b'C', "00000")] {
+            b.put_u8(kind);
+            put_cstr(b, value);
+        }
+        b.put_u8(b'M');
+        put_cstr(b, message);
+        if let Some(d) = detail {
+            b.put_u8(b'D');
+            put_cstr(b, d);
+        }
+        b.put_u8(0);
+    });
+}
+
+pub fn empty_query(buf: &mut BytesMut) {
+    write_message(buf, EMPTY_QUERY, |_| {});
+}
+
 pub fn authentication_ok(buf: &mut BytesMut) {
     write_message(buf, AUTHENTICATION, |b| b.put_i32(0));
 }

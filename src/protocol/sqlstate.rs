@@ -11,3 +11,7 @@ pub const CANNOT_CONNECT_NOW: &str = "57P03";
 pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
 pub const QUERY_WAIT_TIMEOUT: &str = "08P01";
 pub const INTERNAL_ERROR: &str = "XX000";
+pub const SYNTAX_ERROR: &str = "42601";
+pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
+pub const OBJECT_NOT_IN_PREREQUISITE_STATE: &str = "55000";
+pub const UNDEFINED_OBJECT: &str = "42704";

@@ -235,3 +235,53 @@ pub async fn wait_rejoined(shared: &pgpilot::app::Shared, i: usize, timeout: Dur
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+pub const ADMIN_PASSWORD: &str = "admin-secret";
+pub const STATS_PASSWORD: &str = "stats-secret";
+
+/// Adds the admin console users `admin` (admin_users) and `stats` (stats_users).
+pub fn with_admin_users(cfg: &mut Config) {
+    for (name, pw) in [("admin", ADMIN_PASSWORD), ("stats", STATS_PASSWORD)] {
+        cfg.users.push(pgpilot::config::UserConfig {
+            name: name.into(),
+            password: Some(pw.into()),
+            server_password: None,
+        });
+    }
+    cfg.proxy.admin_users = vec!["admin".into()];
+    cfg.proxy.stats_users = vec!["stats".into()];
+}
+
+/// A simple-query client on the admin console as `user`.
+pub async fn admin_client(proxy: &TestProxy, user: &str) -> Client {
+    let pw = if user == "admin" {
+        ADMIN_PASSWORD
+    } else {
+        STATS_PASSWORD
+    };
+    proxy
+        .try_connect(user, pw, "pgpilot")
+        .await
+        .unwrap_or_else(|e| panic!("admin console as {user}: {e}"))
+}
+
+/// Runs an admin command; returns the column names and the rows as text.
+pub async fn admin_query(
+    client: &Client,
+    sql: &str,
+) -> Result<(Vec<String>, Vec<Vec<Option<String>>>), tokio_postgres::Error> {
+    let mut columns = Vec::new();
+    let mut rows = Vec::new();
+    for m in client.simple_query(sql).await? {
+        match m {
+            tokio_postgres::SimpleQueryMessage::RowDescription(cols) => {
+                columns = cols.iter().map(|c| c.name().to_owned()).collect();
+            }
+            tokio_postgres::SimpleQueryMessage::Row(r) => {
+                rows.push((0..r.len()).map(|i| r.get(i).map(str::to_owned)).collect());
+            }
+            _ => {}
+        }
+    }
+    Ok((columns, rows))
+}

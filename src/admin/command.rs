@@ -1,0 +1,88 @@
+//! The admin console's command language: PgBouncer's (`SHOW POOLS`, `PAUSE db`, ...) and
+//! pgpilot's own (`SHOW NODES`, `SWITCHOVER pg2`, ...). Case-insensitive, one command per
+//! query, a trailing semicolon allowed.
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Show(String),
+    Switchover(Option<String>),
+    Promote(String),
+    Fence(String),
+    Unfence(String),
+    Shutdown,
+    /// A PgBouncer command pgpilot does not implement (yet): named in the error.
+    Unsupported(String),
+    Empty,
+}
+
+impl Command {
+    /// SHOW commands are open to `stats_users`; everything else needs `admin_users`.
+    pub fn read_only(&self) -> bool {
+        matches!(self, Command::Show(_) | Command::Empty)
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct ParseError(pub String);
+
+pub fn parse(query: &str) -> Result<Command, ParseError> {
+    let text = query.trim().trim_end_matches(';').trim();
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let Some(first) = words.first() else {
+        return Ok(Command::Empty);
+    };
+    let verb = first.to_ascii_uppercase();
+    let arg = |i: usize| words.get(i).map(|w| unquote(w));
+    let one_arg = |name: &str| -> Result<String, ParseError> {
+        match (arg(1), words.len()) {
+            (Some(a), 2) => Ok(a),
+            _ => Err(ParseError(format!("usage: {name} <node>"))),
+        }
+    };
+    match verb.as_str() {
+        "SHOW" => match (arg(1), words.len()) {
+            (Some(what), 2) => Ok(Command::Show(what.to_ascii_uppercase())),
+            _ => Err(ParseError("usage: SHOW <what>; see SHOW HELP".into())),
+        },
+        "SWITCHOVER" if words.len() <= 2 => Ok(Command::Switchover(arg(1))),
+        "PROMOTE" => one_arg("PROMOTE").map(Command::Promote),
+        "FENCE" => one_arg("FENCE").map(Command::Fence),
+        "UNFENCE" => one_arg("UNFENCE").map(Command::Unfence),
+        "SHUTDOWN" if words.len() == 1 => Ok(Command::Shutdown),
+        "PAUSE" | "RESUME" | "RECONNECT" | "RELOAD" | "DISABLE" | "ENABLE" | "KILL"
+        | "KILL_CLIENT" | "SUSPEND" | "WAIT_CLOSE" | "SET" | "SHUTDOWN" => {
+            Ok(Command::Unsupported(verb))
+        }
+        _ => Err(ParseError(format!(
+            "invalid command \"{}\"; see SHOW HELP",
+            first
+        ))),
+    }
+}
+
+fn unquote(word: &str) -> String {
+    word.trim_matches(|c| c == '"' || c == '\'').to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands() {
+        assert_eq!(parse(" show pools ;"), Ok(Command::Show("POOLS".into())));
+        assert_eq!(parse("SWITCHOVER"), Ok(Command::Switchover(None)));
+        assert_eq!(
+            parse("switchover \"pg2\""),
+            Ok(Command::Switchover(Some("pg2".into())))
+        );
+        assert_eq!(parse("FENCE pg3"), Ok(Command::Fence("pg3".into())));
+        assert_eq!(parse(""), Ok(Command::Empty));
+        assert_eq!(parse("pause app"), Ok(Command::Unsupported("PAUSE".into())));
+        assert!(parse("PROMOTE").is_err());
+        assert!(parse("SHOW").is_err());
+        assert!(parse("DROP TABLE x").is_err());
+        assert!(!parse("SHUTDOWN").unwrap().read_only());
+        assert!(parse("SHOW NODES").unwrap().read_only());
+    }
+}

@@ -1,0 +1,178 @@
+//! The admin console: database `pgpilot` (alias `pgbouncer`) on the proxy's own port, simple
+//! query protocol only. `admin_users` may run everything, `stats_users` only SHOW; anyone else
+//! is refused at connection time (`28000`).
+
+mod command;
+mod show;
+mod table;
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+pub use command::{Command, parse};
+pub use show::show;
+pub use table::{Table, Type};
+
+use crate::app::Shared;
+use crate::client::ClientError;
+use crate::cluster::Fence;
+use crate::protocol::backend::{self, Severity, TxStatus};
+use crate::protocol::startup::BackendKey;
+use crate::protocol::{MessageReader, ProtocolError, frontend, sqlstate};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    Admin,
+    Stats,
+}
+
+/// Serves an authenticated admin console session until the client leaves.
+pub async fn serve<R, W>(
+    reader: &mut MessageReader<R>,
+    wr: &mut W,
+    shared: &Arc<Shared>,
+    user: &str,
+) -> Result<(), ClientError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let config = shared.config();
+    let access = if config.proxy.admin_users.iter().any(|u| u == user) {
+        Access::Admin
+    } else if config.proxy.stats_users.iter().any(|u| u == user) {
+        Access::Stats
+    } else {
+        return Err(ClientError::AdminDenied(user.to_owned()));
+    };
+    let mut out = BytesMut::new();
+    for (k, v) in [
+        ("server_version", "15.0 (pgpilot)"),
+        ("server_encoding", "UTF8"),
+        ("client_encoding", "UTF8"),
+        ("DateStyle", "ISO, MDY"),
+        ("integer_datetimes", "on"),
+        ("standard_conforming_strings", "on"),
+    ] {
+        backend::parameter_status(&mut out, k, v);
+    }
+    backend::backend_key_data(&mut out, BackendKey { pid: 0, secret: 0 });
+    backend::ready_for_query(&mut out, TxStatus::Idle);
+    write(wr, &out).await?;
+    loop {
+        let next = tokio::select! {
+            r = reader.next() => r,
+            _ = shared.shutdown.cancelled() => return Err(ClientError::Shutdown),
+        };
+        let frame = match next {
+            Ok(Some(f)) => f,
+            Ok(None) | Err(ProtocolError::Closed | ProtocolError::Io(_)) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        match frame.tag {
+            frontend::TERMINATE => return Ok(()),
+            frontend::QUERY => {
+                let sql = frontend::parse_query(&frame)?.to_owned();
+                let mut out = BytesMut::new();
+                run(shared, access, &sql, &mut out).await;
+                backend::ready_for_query(&mut out, TxStatus::Idle);
+                write(wr, &out).await?;
+            }
+            _ => return Err(ClientError::AdminProtocol),
+        }
+    }
+}
+
+async fn write<W: AsyncWrite + Unpin>(wr: &mut W, out: &[u8]) -> Result<(), ClientError> {
+    wr.write_all(out)
+        .await
+        .map_err(|e| ClientError::Protocol(ProtocolError::Io(e)))
+}
+
+fn error(out: &mut BytesMut, code: &str, message: &str) {
+    backend::error_response(out, Severity::Error, code, message);
+}
+
+/// Runs one command, appending its answer (without ReadyForQuery) to `out`.
+async fn run(shared: &Arc<Shared>, access: Access, sql: &str, out: &mut BytesMut) {
+    let cmd = match parse(sql) {
+        Ok(c) => c,
+        Err(e) => return error(out, sqlstate::SYNTAX_ERROR, &e.0),
+    };
+    if access == Access::Stats && !cmd.read_only() {
+        return error(
+            out,
+            sqlstate::INSUFFICIENT_PRIVILEGE,
+            "admin access needed (stats_users may only run SHOW)",
+        );
+    }
+    match cmd {
+        Command::Empty => backend::empty_query(out),
+        Command::Show(what) if what == "HELP" => {
+            backend::notice(out, "Console usage", Some(show::HELP));
+            backend::command_complete(out, "SHOW");
+        }
+        Command::Show(what) => match show(shared, &what) {
+            Some(table) => table.encode(out, "SHOW"),
+            None => error(
+                out,
+                sqlstate::SYNTAX_ERROR,
+                &format!("unknown SHOW \"{what}\"; see SHOW HELP"),
+            ),
+        },
+        Command::Switchover(target) => {
+            match crate::failover::switchover(shared, target.as_deref()).await {
+                Ok(r) => {
+                    let msg = format!("switchover to {} done in {:?}", r.new, r.total);
+                    backend::notice(out, &msg, None);
+                    backend::command_complete(out, "SWITCHOVER");
+                }
+                Err(e) => error(
+                    out,
+                    sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    &e.to_string(),
+                ),
+            }
+        }
+        Command::Promote(node) => match crate::failover::promote(shared, &node).await {
+            Ok(r) => {
+                let msg = format!("{} promoted in {:?}", r.new, r.total);
+                backend::notice(out, &msg, None);
+                backend::command_complete(out, "PROMOTE");
+            }
+            Err(e) => error(
+                out,
+                sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE,
+                &e.to_string(),
+            ),
+        },
+        Command::Fence(node) => set_fence(shared, out, &node, true),
+        Command::Unfence(node) => set_fence(shared, out, &node, false),
+        Command::Shutdown => {
+            shared.stop.cancel();
+            backend::command_complete(out, "SHUTDOWN");
+        }
+        Command::Unsupported(verb) => error(
+            out,
+            sqlstate::FEATURE_NOT_SUPPORTED,
+            &format!("{verb} is not supported by pgpilot yet"),
+        ),
+    }
+}
+
+/// FENCE / UNFENCE: an operator's fence is lifted only by UNFENCE.
+fn set_fence(shared: &Shared, out: &mut BytesMut, node: &str, fence: bool) {
+    let Some(i) = shared.cluster.view().index_of(node) else {
+        return error(
+            out,
+            sqlstate::UNDEFINED_OBJECT,
+            &format!("no node named \"{node}\""),
+        );
+    };
+    shared
+        .cluster
+        .set_fence(i, fence.then_some(Fence::Operator));
+    backend::command_complete(out, if fence { "FENCE" } else { "UNFENCE" });
+}

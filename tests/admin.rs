@@ -1,0 +1,177 @@
+//! The admin console through real clients: every SHOW column by column against PgBouncer
+//! 1.18's (Debian 12), pgpilot's own tables, access control, FENCE/UNFENCE steering reads.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{
+    ADMIN_PASSWORD, admin_client, admin_query, cluster, config, eventually, psql_conn, start_proxy,
+    with_admin_users,
+};
+
+/// Column lists as PgBouncer 1.18 prints them.
+const PGBOUNCER: &[(&str, &str)] = &[
+    (
+        "POOLS",
+        "database user cl_active cl_waiting cl_active_cancel_req cl_waiting_cancel_req sv_active \
+         sv_active_cancel sv_being_canceled sv_idle sv_used sv_tested sv_login maxwait maxwait_us pool_mode",
+    ),
+    (
+        "DATABASES",
+        "name host port database force_user pool_size min_pool_size reserve_pool pool_mode \
+         max_connections current_connections paused disabled",
+    ),
+    ("USERS", "name pool_mode"),
+    ("CONFIG", "key value default changeable"),
+    ("LISTS", "list items"),
+    ("VERSION", "version"),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shows_match_pgbouncer_and_pgpilot_tables_are_filled() {
+    let c = cluster();
+    let proxy = start_proxy(config(c, with_admin_users)).await;
+    // Some traffic so that a pool exists.
+    let app = proxy.connect().await;
+    app.simple_query("SELECT 1").await.unwrap();
+    let admin = admin_client(&proxy, "admin").await;
+    for (what, columns) in PGBOUNCER {
+        let (cols, _) = admin_query(&admin, &format!("SHOW {what}")).await.unwrap();
+        let expected: Vec<&str> = columns.split_whitespace().collect();
+        assert_eq!(cols, expected, "SHOW {what}");
+    }
+    let (_, pools) = admin_query(&admin, "SHOW POOLS").await.unwrap();
+    let app_pool = pools
+        .iter()
+        .find(|r| r[0].as_deref() == Some("app") && r[1].as_deref() == Some("app"))
+        .expect("a pool for app/app");
+    let idle: i64 = app_pool[9].as_deref().unwrap().parse().unwrap();
+    assert!(idle >= 1, "{app_pool:?}");
+    let (_, lists) = admin_query(&admin, "SHOW LISTS").await.unwrap();
+    assert!(lists.iter().any(|r| {
+        r[0].as_deref() == Some("used_clients")
+            && r[1]
+                .as_deref()
+                .is_some_and(|n| n.parse::<i64>().unwrap() >= 2)
+    }));
+    let (_, config_rows) = admin_query(&admin, "SHOW CONFIG").await.unwrap();
+    assert!(
+        config_rows
+            .iter()
+            .any(|r| r[0].as_deref() == Some("cluster.failover_timeout")
+                && r[1].as_deref() == Some("3s"))
+    );
+    assert!(
+        config_rows
+            .iter()
+            .all(|r| r[1].as_deref() != Some(common::ADMIN_PASSWORD))
+    );
+
+    let (cols, nodes) = admin_query(&admin, "show nodes;").await.unwrap();
+    assert_eq!(
+        &cols[..14],
+        [
+            "name",
+            "host",
+            "port",
+            "role",
+            "health",
+            "priority",
+            "elected",
+            "fenced",
+            "lag_bytes",
+            "lag_seconds",
+            "replay_lsn",
+            "timeline",
+            "last_probe_ms",
+            "error"
+        ]
+    );
+    let pg1 = &nodes[0];
+    assert_eq!(
+        (pg1[0].as_deref(), pg1[3].as_deref(), pg1[6].as_deref()),
+        (Some("pg1"), Some("primary"), Some("yes"))
+    );
+    assert!(
+        nodes[1..]
+            .iter()
+            .all(|r| r[3].as_deref() == Some("replica"))
+    );
+    let (cols, _) = admin_query(&admin, "SHOW FAILOVERS").await.unwrap();
+    assert_eq!(
+        cols[..5],
+        ["epoch", "kind", "cause", "old_primary", "new_primary"]
+    );
+
+    // psql, as operators use it.
+    let info = format!(
+        "host=127.0.0.1 port={} user=admin dbname=pgbouncer",
+        proxy.port()
+    );
+    let (ok, out, err) = psql_conn(&info, ADMIN_PASSWORD, &["-c", "SHOW VERSION"]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("pgpilot"), "{out}");
+    let (ok, _, err) = psql_conn(&info, ADMIN_PASSWORD, &["-c", "SHOW HELP"]).await;
+    assert!(ok && err.contains("SWITCHOVER"), "{err}");
+    let (ok, _, err) = psql_conn(&info, ADMIN_PASSWORD, &["-c", "SHOW NOTHING"]).await;
+    assert!(!ok && err.contains("unknown SHOW"), "{err}");
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_is_controlled_and_fencing_steers_reads() {
+    let c = cluster();
+    let proxy = start_proxy(config(c, with_admin_users)).await;
+    let stats = admin_client(&proxy, "stats").await;
+    admin_query(&stats, "SHOW NODES")
+        .await
+        .expect("stats users may SHOW");
+    let err = admin_query(&stats, "FENCE pg3").await.unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("42501"));
+    // A regular user is refused at connection time.
+    let err = proxy
+        .try_connect(
+            pgpilot::demo::DEMO_USER,
+            pgpilot::demo::DEMO_PASSWORD,
+            "pgpilot",
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("28000"), "{err}");
+    // The extended protocol is refused with 08P01.
+    let admin = admin_client(&proxy, "admin").await;
+    let err = admin.query("SHOW NODES", &[]).await.unwrap_err();
+    assert!(
+        err.code().map(|c| c.code()) == Some("08P01") || admin.is_closed(),
+        "{err}"
+    );
+
+    let admin = admin_client(&proxy, "admin").await;
+    let shared = proxy.shared.clone();
+    eventually(Duration::from_secs(10), "both replicas healthy", || {
+        let v = shared.cluster.view();
+        async move { v.nodes.iter().filter(|n| n.healthy).count() == 3 }
+    })
+    .await;
+    admin_query(&admin, "FENCE pg3").await.unwrap();
+    let (_, nodes) = admin_query(&admin, "SHOW NODES").await.unwrap();
+    assert_eq!(nodes[2][7].as_deref(), Some("operator"));
+    let app = proxy.connect().await;
+    for _ in 0..20 {
+        let port: i32 = app
+            .query_one("SELECT inet_server_port()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_ne!(port as u16, c.port(2), "a read reached the fenced pg3");
+    }
+    admin_query(&admin, "UNFENCE pg3").await.unwrap();
+    let (_, nodes) = admin_query(&admin, "SHOW NODES").await.unwrap();
+    assert_eq!(nodes[2][7].as_deref(), Some("no"));
+    let err = admin_query(&admin, "PAUSE app").await.unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("0A000"));
+    let err = admin_query(&admin, "FENCE nosuch").await.unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("42704"));
+    proxy.shutdown().await;
+}
