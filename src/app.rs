@@ -52,6 +52,8 @@ pub struct Shared {
     pub clients: AtomicUsize,
     /// Cancelled when a graceful shutdown begins.
     pub shutdown: CancellationToken,
+    /// Traffic counters per database (SHOW STATS, /metrics).
+    pub stats: crate::stats::Stats,
     /// Cancelled by the admin console's SHUTDOWN: the proxy shuts down gracefully.
     pub stop: CancellationToken,
     /// Failover history and the lock that serialises promotions.
@@ -76,6 +78,8 @@ impl Shared {
 pub struct Proxy {
     shared: Arc<Shared>,
     listener: TcpListener,
+    /// The Prometheus endpoint, when `[metrics] listen` is set.
+    metrics: Option<TcpListener>,
     tracker: TaskTracker,
 }
 
@@ -85,6 +89,14 @@ impl Proxy {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| AppError::Bind { addr, source })?;
+        let metrics = match config.metrics.listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| AppError::Bind { addr, source })?,
+            ),
+            None => None,
+        };
         let rules = FunctionRules::new(
             &config.cluster.write_functions,
             &config.cluster.read_only_functions,
@@ -105,12 +117,19 @@ impl Proxy {
             shutdown: CancellationToken::new(),
             failover: crate::failover::Failover::default(),
             stop: CancellationToken::new(),
+            stats: crate::stats::Stats::default(),
         });
         Ok(Proxy {
             shared,
             listener,
+            metrics,
             tracker: TaskTracker::new(),
         })
+    }
+
+    /// The Prometheus endpoint's address, when enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|m| m.local_addr().ok())
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -128,6 +147,7 @@ impl Proxy {
         let Proxy {
             shared,
             listener,
+            metrics,
             tracker,
         } = self;
         let probes = CancellationToken::new();
@@ -137,6 +157,9 @@ impl Proxy {
             .spawn_probes(&shared.config().cluster, &background, &probes);
         background.spawn(maintain_pools(shared.clone(), probes.clone()));
         background.spawn(crate::failover::run(shared.clone(), probes.clone()));
+        if let Some(m) = metrics {
+            background.spawn(crate::metrics::serve(shared.clone(), m, probes.clone()));
+        }
         info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "pgpilot listening");
         tokio::pin!(shutdown);
         loop {
@@ -172,14 +195,20 @@ impl Proxy {
 }
 
 /// Every second: closes idle server connections past their limits and keeps
-/// `min_pool_size` open in every pool that exists.
+/// `min_pool_size` open in every pool that exists; every `stats_period`: rolls the averages.
 async fn maintain_pools(shared: Arc<Shared>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    shared.stats.roll();
+    let mut rolled = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
+        }
+        if rolled.elapsed() >= shared.config().proxy.stats_period.0 {
+            shared.stats.roll();
+            rolled = tokio::time::Instant::now();
         }
         for pool in shared.pools.all() {
             pool.maintain().await;

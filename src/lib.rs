@@ -19,6 +19,7 @@
 //! - [`client`]: the per-client task; [`pool`]: pools and the checkout guard.
 //! - [`cluster`]: the topology snapshot and probes; [`router`]: where work goes.
 //! - [`admin`]: the PgBouncer-compatible admin console (`SHOW ...`, `SWITCHOVER`, `FENCE`).
+//! - [`stats`] and [`metrics`]: traffic counters, SHOW STATS and the Prometheus endpoint.
 //! - [`failover`]: the failover controller (a pure verdict function) and its driver,
 //!   switchover and forced promotion.
 //! - [`config`]: the TOML surface; [`net`]: sockets and TLS; [`app`]: wiring and shutdown.
@@ -46,8 +47,10 @@ pub mod config;
 pub mod demo;
 pub mod devcluster;
 pub mod failover;
+pub mod metrics;
 pub mod net;
 pub mod pool;
 pub mod protocol;
 pub mod router;
 pub mod server;
+pub mod stats;

@@ -23,6 +23,20 @@ const PGBOUNCER: &[(&str, &str)] = &[
          max_connections current_connections paused disabled",
     ),
     ("USERS", "name pool_mode"),
+    (
+        "STATS",
+        "database total_xact_count total_query_count total_received total_sent total_xact_time \
+         total_query_time total_wait_time avg_xact_count avg_query_count avg_recv avg_sent \
+         avg_xact_time avg_query_time avg_wait_time",
+    ),
+    (
+        "STATS_TOTALS",
+        "database xact_count query_count bytes_received bytes_sent xact_time query_time wait_time",
+    ),
+    (
+        "STATS_AVERAGES",
+        "database xact_count query_count bytes_received bytes_sent xact_time query_time wait_time",
+    ),
     ("CONFIG", "key value default changeable"),
     ("LISTS", "list items"),
     ("VERSION", "version"),
@@ -48,6 +62,16 @@ async fn shows_match_pgbouncer_and_pgpilot_tables_are_filled() {
         .expect("a pool for app/app");
     let idle: i64 = app_pool[9].as_deref().unwrap().parse().unwrap();
     assert!(idle >= 1, "{app_pool:?}");
+    let (_, totals) = admin_query(&admin, "SHOW STATS_TOTALS").await.unwrap();
+    let app_totals = totals
+        .iter()
+        .find(|r| r[0].as_deref() == Some("app"))
+        .expect("stats for app");
+    let n = |i: usize| app_totals[i].as_deref().unwrap().parse::<u64>().unwrap();
+    assert!(
+        n(1) >= 1 && n(2) >= 1 && n(3) > 0 && n(4) > 0,
+        "{app_totals:?}"
+    );
     let (_, lists) = admin_query(&admin, "SHOW LISTS").await.unwrap();
     assert!(lists.iter().any(|r| {
         r[0].as_deref() == Some("used_clients")

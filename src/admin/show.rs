@@ -8,10 +8,11 @@ use super::table::{Table, Type, opt, s};
 use crate::app::Shared;
 use crate::config::{Config, PoolMode};
 
-use Type::{Float8, Int4, Int8, Text};
+use Type::{Float8, Int4, Int8, Numeric, Text};
 
 pub const HELP: &str = "\
-SHOW HELP|VERSION|CONFIG|LISTS|DATABASES|USERS|POOLS|NODES|FAILOVERS|EVENTS
+SHOW HELP|VERSION|CONFIG|LISTS|DATABASES|USERS|POOLS|STATS|STATS_TOTALS|STATS_AVERAGES
+SHOW NODES|FAILOVERS|EVENTS
 SWITCHOVER [node]   planned switchover to node (or the best replica)
 PROMOTE node        promote node now (forced: no health verdict, no lag limit)
 FENCE node          never route to node; UNFENCE node lifts an operator's fence
@@ -39,6 +40,9 @@ pub fn show(shared: &Shared, what: &str) -> Option<Table> {
             t
         }
         "CONFIG" => settings(&config),
+        "STATS" => stats(shared),
+        "STATS_TOTALS" => stats_table(shared, false),
+        "STATS_AVERAGES" => stats_table(shared, true),
         "LISTS" => lists(shared, &config),
         _ => return None,
     })
@@ -131,6 +135,77 @@ fn events(shared: &Shared) -> Table {
     let mut t = Table::new(&[("at", Text), ("node", Text), ("event", Text)]);
     for e in shared.failover.events() {
         t.row(vec![s(utc(e.at)), s(&e.node), s(&e.what)]);
+    }
+    t
+}
+
+fn totals_row(db: &str, t: crate::stats::Totals) -> Vec<Option<String>> {
+    [
+        t.xact_count,
+        t.query_count,
+        t.received,
+        t.sent,
+        t.xact_time,
+        t.query_time,
+        t.wait_time,
+    ]
+    .into_iter()
+    .map(s)
+    .fold(vec![s(db)], |mut row, v| {
+        row.push(v);
+        row
+    })
+}
+
+/// Totals and averages side by side, as PgBouncer's SHOW STATS.
+fn stats(shared: &Shared) -> Table {
+    let mut t = Table::new(&[
+        ("database", Text),
+        ("total_xact_count", Numeric),
+        ("total_query_count", Numeric),
+        ("total_received", Numeric),
+        ("total_sent", Numeric),
+        ("total_xact_time", Numeric),
+        ("total_query_time", Numeric),
+        ("total_wait_time", Numeric),
+        ("avg_xact_count", Numeric),
+        ("avg_query_count", Numeric),
+        ("avg_recv", Numeric),
+        ("avg_sent", Numeric),
+        ("avg_xact_time", Numeric),
+        ("avg_query_time", Numeric),
+        ("avg_wait_time", Numeric),
+    ]);
+    for (db, st) in shared.stats.all() {
+        let mut row = totals_row(&db, st.totals());
+        row.extend(
+            totals_row(&db, shared.stats.averages_of(&db))
+                .into_iter()
+                .skip(1),
+        );
+        t.row(row);
+    }
+    t
+}
+
+fn stats_table(shared: &Shared, averages: bool) -> Table {
+    let mut t = Table::new(&[
+        ("database", Text),
+        ("xact_count", Numeric),
+        ("query_count", Numeric),
+        ("bytes_received", Numeric),
+        ("bytes_sent", Numeric),
+        ("xact_time", Numeric),
+        ("query_time", Numeric),
+        ("wait_time", Numeric),
+    ]);
+    for (db, st) in shared.stats.all() {
+        let numbers = if averages {
+            shared.stats.averages_of(&db)
+        } else {
+            st.totals()
+        };
+        t.row(totals_row(&db, numbers));
     }
     t
 }

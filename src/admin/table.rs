@@ -13,6 +13,7 @@ pub enum Type {
     Int8,
     Float8,
     Bool,
+    Numeric,
 }
 
 impl Type {
@@ -23,6 +24,7 @@ impl Type {
             Type::Int8 => 20,
             Type::Float8 => 701,
             Type::Bool => 16,
+            Type::Numeric => 1700,
         }
     }
 }

@@ -43,6 +43,7 @@ struct Pending {
     changes: Vec<Change>,
     wrote: bool,
     began: bool,
+    sent: Instant,
 }
 
 enum Event {
@@ -103,6 +104,7 @@ where
             began_in_flight: false,
             saw_rollback: false,
             on_replica,
+            tx_started: None,
         };
         let result = drive
             .run(txn, &mut server, first, first_meaning, may_retry, &abort)
@@ -142,6 +144,8 @@ struct Drive<'c> {
     began_in_flight: bool,
     saw_rollback: bool,
     on_replica: bool,
+    /// When the transaction being served began (its first request was sent while idle).
+    tx_started: Option<Instant>,
 }
 
 impl Drive<'_> {
@@ -287,6 +291,12 @@ impl Drive<'_> {
     ) -> Result<(), String> {
         let readies = unit.readies();
         let partial = unit.is_partial();
+        let sent = Instant::now();
+        if txn.status == TxStatus::Idle && self.tx_started.is_none() {
+            self.tx_started = Some(sent);
+        }
+        txn.stats
+            .received(unit.frames.iter().map(|f| f.raw().len()).sum());
         let mut out = BytesMut::new();
         {
             let mut rw = Rewriter {
@@ -321,6 +331,7 @@ impl Drive<'_> {
                     changes,
                     wrote,
                     began,
+                    sent,
                 });
                 self.backups
                     .push_back(if last { backup.take() } else { None });
@@ -357,7 +368,10 @@ impl Drive<'_> {
                     self.deliver(txn, &batch, answered, touched).await?;
                     return Err(Gone::Server(fields.message));
                 }
-                self.errored |= frame.tag == backend::ERROR_RESPONSE;
+                if frame.tag == backend::ERROR_RESPONSE {
+                    self.errored = true;
+                    txn.shared.stats.error(&fields.code);
+                }
             }
             let disposition = on_response(frame.tag, &mut self.expect, self.statements);
             match frame.tag {
@@ -429,6 +443,7 @@ impl Drive<'_> {
             .write_all(batch)
             .await
             .map_err(|_| Gone::Client)?;
+        txn.stats.sent(batch.len());
         for _ in 0..answered {
             self.backups.pop_front();
         }
@@ -442,11 +457,14 @@ impl Drive<'_> {
 
     fn on_ready<R, W>(&mut self, txn: &mut Txn<'_, R, W>, status: TxStatus) {
         self.outstanding = self.outstanding.saturating_sub(1);
+        let now = Instant::now();
         let p = self.pending.pop_front().unwrap_or(Pending {
             changes: Vec::new(),
             wrote: false,
             began: false,
+            sent: now,
         });
+        txn.stats.query(now.duration_since(p.sent));
         if !self.errored {
             self.tentative.extend(p.changes);
             self.wrote_in_tx |= p.wrote;
@@ -457,6 +475,13 @@ impl Drive<'_> {
         }
         txn.status = status;
         if status == TxStatus::Idle {
+            if let Some(started) = self.tx_started.take() {
+                txn.stats.transaction(now.duration_since(started));
+            }
+            if !self.pending.is_empty() {
+                // Pipelined requests behind it start the next transaction.
+                self.tx_started = Some(now);
+            }
             if !self.saw_rollback {
                 let changes = std::mem::take(&mut self.tentative);
                 txn.apply(&changes, self.applied, self.statements);

@@ -252,6 +252,7 @@ where
         queue: Default::default(),
         incoming: Default::default(),
         pools: vec![None; config.nodes.len()],
+        stats: shared.stats.db(&db.name),
     };
     let result = txn.run().await;
     shared.cancels.unregister(key);

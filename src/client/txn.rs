@@ -61,6 +61,8 @@ pub(super) struct Txn<'a, R, W> {
     pub incoming: Unit,
     /// This client's pool on each node (index in the node list), looked up once.
     pub pools: Vec<Option<Arc<crate::pool::Pool>>>,
+    /// This database's traffic counters.
+    pub stats: Arc<crate::stats::DbStats>,
 }
 
 /// How serving on one borrowed connection ended.
@@ -330,9 +332,11 @@ where
                 p
             }
         };
+        let waited = Instant::now();
         let mut conn = pool
             .checkout(self.config.proxy.query_wait_timeout.0)
             .await?;
+        self.stats.wait(waited.elapsed());
         let server = conn.conn();
         if let Err(e) = server.apply_settings(&self.settings).await {
             conn.discard().await;

@@ -84,6 +84,8 @@ pub struct ProxyConfig {
     pub listen: SocketAddr,
     pub admin_users: Vec<String>,
     pub stats_users: Vec<String>,
+    /// Period of the averages in SHOW STATS / STATS_AVERAGES.
+    pub stats_period: Dur,
     pub max_client_conn: usize,
     pub pool_mode: PoolMode,
     pub pool_size: usize,
@@ -115,6 +117,7 @@ impl Default for ProxyConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 6432)),
             admin_users: vec!["admin".into()],
             stats_users: Vec::new(),
+            stats_period: Dur::secs(60),
             max_client_conn: 10_000,
             pool_mode: PoolMode::Transaction,
             pool_size: 20,
@@ -371,6 +374,9 @@ impl Config {
             return bad("cluster.probe_interval must be positive".into());
         }
         let p = &self.proxy;
+        if p.stats_period.0 < Duration::from_secs(1) {
+            return bad("proxy.stats_period must be at least 1s".into());
+        }
         if p.pool_size == 0 {
             return bad("proxy.pool_size must be at least 1".into());
         }

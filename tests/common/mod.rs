@@ -42,6 +42,8 @@ pub async fn connect_watched(
 /// A proxy running in the current test's runtime until dropped.
 pub struct TestProxy {
     pub addr: SocketAddr,
+    /// The Prometheus endpoint, when the config enables it.
+    pub metrics: Option<SocketAddr>,
     pub shared: std::sync::Arc<pgpilot::app::Shared>,
     pub stop: CancellationToken,
     pub task: tokio::task::JoinHandle<()>,
@@ -98,12 +100,14 @@ pub fn config(cluster: &DevCluster, tweak: impl FnOnce(&mut Config)) -> Config {
 pub async fn start_proxy(config: Config) -> TestProxy {
     let proxy = pgpilot::app::Proxy::bind(config).await.expect("bind proxy");
     let addr = proxy.local_addr();
+    let metrics = proxy.metrics_addr();
     let shared = proxy.shared().clone();
     let stop = CancellationToken::new();
     let token = stop.clone();
     let task = tokio::spawn(async move { proxy.serve(token.cancelled_owned()).await });
     TestProxy {
         addr,
+        metrics,
         shared,
         stop,
         task,
