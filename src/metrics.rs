@@ -18,6 +18,9 @@ use crate::cluster::Role;
 use crate::stats::{BUCKETS, Histogram};
 
 const MAX_REQUEST: usize = 8192;
+
+type TotalsField = fn(&crate::stats::Totals) -> f64;
+type HistogramOf = fn(&crate::stats::DbStats) -> &Histogram;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: CancellationToken) {
@@ -212,7 +215,7 @@ pub fn render(shared: &Shared) -> String {
     }
 
     let dbs = shared.stats.all();
-    let counters: [(&str, &str, fn(&crate::stats::Totals) -> f64); 5] = [
+    let counters: [(&str, &str, TotalsField); 5] = [
         ("pgpilot_transactions_total", "Transactions served.", |t| {
             t.xact_count as f64
         }),
@@ -241,7 +244,7 @@ pub fn render(shared: &Shared) -> String {
             o.sample(name, &[("database", db)], get(&st.totals()));
         }
     }
-    let histograms: [(&str, &str, fn(&crate::stats::DbStats) -> &Histogram); 3] = [
+    let histograms: [(&str, &str, HistogramOf); 3] = [
         (
             "pgpilot_query_duration_seconds",
             "Request latency, sent to ReadyForQuery.",
