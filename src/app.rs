@@ -52,6 +52,11 @@ pub struct Shared {
     pub clients: AtomicUsize,
     /// Cancelled when a graceful shutdown begins.
     pub shutdown: CancellationToken,
+    config_path: parking_lot::Mutex<Option<std::path::PathBuf>>,
+    /// PAUSE / DISABLE switches per database.
+    pub gate: crate::gate::Gate,
+    /// Every client session, for SHOW CLIENTS and KILL.
+    pub sessions: crate::registry::Registry<crate::registry::ClientEntry>,
     /// Traffic counters per database (SHOW STATS, /metrics).
     pub stats: crate::stats::Stats,
     /// Cancelled by the admin console's SHUTDOWN: the proxy shuts down gracefully.
@@ -71,6 +76,23 @@ impl Shared {
 
     pub fn rules(&self) -> Arc<FunctionRules> {
         self.rules.load_full()
+    }
+
+    /// Makes `config` the one new sessions and requests see (a reload).
+    pub fn install_config(&self, config: Config) {
+        self.credentials
+            .store(Arc::new(Credentials::from_config(&config)));
+        self.rules.store(Arc::new(FunctionRules::new(
+            &config.cluster.write_functions,
+            &config.cluster.read_only_functions,
+        )));
+        self.cluster.set_config(config.cluster.clone());
+        self.config.store(Arc::new(config));
+    }
+
+    /// The file RELOAD and SIGHUP re-read.
+    pub fn config_path(&self) -> Option<std::path::PathBuf> {
+        self.config_path.lock().clone()
     }
 }
 
@@ -105,11 +127,11 @@ impl Proxy {
         let shared = Arc::new(Shared {
             tls_acceptor: client_tls_acceptor(&config.proxy)?,
             tls_connector: server_tls_connector(&config.proxy)?,
-            cluster: Cluster::new(&config.nodes),
+            cluster: Cluster::with_config(&config.nodes, config.cluster.clone()),
             credentials: ArcSwap::from_pointee(Credentials::from_config(&config)),
             config: ArcSwap::from_pointee(config),
             pools: Pools::default(),
-            load: Load::new(nodes),
+            load: Load::new(nodes.max(crate::cluster::MAX_NODES)),
             rules: ArcSwap::from_pointee(rules),
             next_client_id: AtomicU64::new(1),
             cancels: CancelRegistry::default(),
@@ -118,6 +140,9 @@ impl Proxy {
             failover: crate::failover::Failover::default(),
             stop: CancellationToken::new(),
             stats: crate::stats::Stats::default(),
+            sessions: Default::default(),
+            gate: Default::default(),
+            config_path: Default::default(),
         });
         Ok(Proxy {
             shared,
@@ -125,6 +150,11 @@ impl Proxy {
             metrics,
             tracker: TaskTracker::new(),
         })
+    }
+
+    /// The file `RELOAD` and SIGHUP re-read.
+    pub fn set_config_path(&self, path: impl Into<std::path::PathBuf>) {
+        *self.shared.config_path.lock() = Some(path.into());
     }
 
     /// The Prometheus endpoint's address, when enabled.
@@ -162,10 +192,20 @@ impl Proxy {
         }
         info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "pgpilot listening");
         tokio::pin!(shutdown);
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
                 _ = shared.stop.cancelled() => break,
+                _ = hangup(&mut hup) => {
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        match crate::reload::reload(&shared).await {
+                            Ok(notes) => info!(?notes, "SIGHUP: configuration reloaded"),
+                            Err(e) => warn!(error = %e, "SIGHUP: reload refused"),
+                        }
+                    });
+                }
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
                         tracker.spawn(crate::client::serve(tcp, peer, shared.clone()));
@@ -216,10 +256,31 @@ async fn maintain_pools(shared: Arc<Shared>, stop: CancellationToken) {
     }
 }
 
-/// Binds and serves `config` until `shutdown` resolves.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
-    Proxy::bind(config).await?.serve(shutdown).await;
+/// Binds and serves `config` (read from `path`, which RELOAD and SIGHUP re-read) until
+/// `shutdown` resolves.
+pub async fn run(
+    config: Config,
+    path: Option<std::path::PathBuf>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AppError> {
+    let proxy = Proxy::bind(config).await?;
+    if let Some(p) = path {
+        proxy.set_config_path(p);
+    }
+    proxy.serve(shutdown).await;
     Ok(())
+}
+
+/// Resolves on each SIGHUP (never on other platforms or when the handler cannot be set).
+async fn hangup(signal: &mut Option<tokio::signal::unix::Signal>) {
+    match signal {
+        Some(s) => {
+            if s.recv().await.is_none() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending::<()>().await,
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).

@@ -76,9 +76,13 @@ fn main() -> ExitCode {
     init_tracing(cli.log_format);
     let result = match cli.command.unwrap_or(Cmd::Run) {
         Cmd::Check => load(cli.config).map(|c| print!("{}", c.to_masked_toml())),
-        Cmd::Run => load(cli.config).and_then(|config| {
+        Cmd::Run => load(cli.config.clone()).and_then(|config| {
             runtime(config.proxy.worker_threads)?
-                .block_on(pgpilot::app::run(config, pgpilot::app::shutdown_signal()))
+                .block_on(pgpilot::app::run(
+                    config,
+                    cli.config,
+                    pgpilot::app::shutdown_signal(),
+                ))
                 .map_err(|e| e.to_string())
         }),
         Cmd::Demo { port } => runtime(0).and_then(|rt| {

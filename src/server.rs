@@ -92,6 +92,10 @@ pub struct ServerConn {
     pub port: u16,
     pub created: Instant,
     pub last_used: Instant,
+    /// The local end of the TCP connection.
+    pub local: Option<std::net::SocketAddr>,
+    /// Listed in `SHOW SERVERS` while it lives (set by the pool that opened it).
+    pub(crate) registered: Option<crate::registry::Registered<crate::registry::ServerEntry>>,
 }
 
 impl ServerConn {
@@ -105,6 +109,7 @@ impl ServerConn {
                 source,
             })?;
         tcp.set_nodelay(true)?;
+        let local = tcp.local_addr().ok();
         let stream = tokio::time::timeout(p.connect_timeout, negotiate_tls(tcp, p))
             .await
             .map_err(|_| ServerError::ConnectTimeout { addr: addr.clone() })??;
@@ -120,6 +125,8 @@ impl ServerConn {
             port: p.port,
             created: now,
             last_used: now,
+            local,
+            registered: None,
         };
         tokio::time::timeout(p.connect_timeout, conn.startup(p))
             .await

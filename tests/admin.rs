@@ -193,9 +193,95 @@ async fn access_is_controlled_and_fencing_steers_reads() {
     admin_query(&admin, "UNFENCE pg3").await.unwrap();
     let (_, nodes) = admin_query(&admin, "SHOW NODES").await.unwrap();
     assert_eq!(nodes[2][7].as_deref(), Some("no"));
-    let err = admin_query(&admin, "PAUSE app").await.unwrap_err();
+    let err = admin_query(&admin, "SUSPEND").await.unwrap_err();
     assert_eq!(err.code().map(|c| c.code()), Some("0A000"));
     let err = admin_query(&admin, "FENCE nosuch").await.unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("42704"));
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_resume_disable_and_kill_a_client() {
+    let c = cluster();
+    let proxy = start_proxy(config(c, with_admin_users)).await;
+    let admin = admin_client(&proxy, "admin").await;
+    let (victim, conn) = tokio_postgres::connect(
+        &format!(
+            "{} application_name=victim",
+            proxy.conninfo(
+                pgpilot::demo::DEMO_USER,
+                pgpilot::demo::DEMO_PASSWORD,
+                pgpilot::demo::DEMO_DATABASE
+            )
+        ),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    victim.simple_query("SELECT 1").await.unwrap();
+
+    let (cols, clients) = admin_query(&admin, "SHOW CLIENTS").await.unwrap();
+    assert_eq!(cols.len(), 18);
+    assert_eq!(cols[13], "ptr");
+    let row = clients
+        .iter()
+        .find(|r| r[17].as_deref() == Some("victim"))
+        .expect("the victim in SHOW CLIENTS");
+    assert_eq!(
+        (row[0].as_deref(), row[2].as_deref()),
+        (Some("C"), Some("app"))
+    );
+    let id = row[13].clone().unwrap();
+    let (cols, servers) = admin_query(&admin, "SHOW SERVERS").await.unwrap();
+    assert_eq!(cols.last().map(String::as_str), Some("node"));
+    assert!(servers.iter().any(|r| {
+        r[0].as_deref() == Some("S")
+            && r[3].as_deref() == Some("idle")
+            && r[15]
+                .as_deref()
+                .is_some_and(|pid| pid.parse::<i32>().unwrap() > 0)
+    }));
+
+    // PAUSE holds new transactions until RESUME.
+    admin_query(&admin, "PAUSE app").await.unwrap();
+    let other = proxy.connect().await;
+    let held = tokio::spawn(async move { other.simple_query("SELECT 1").await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!held.is_finished(), "a query ran while paused");
+    admin_query(&admin, "RESUME app").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), held)
+        .await
+        .expect("resumed")
+        .unwrap()
+        .expect("the held query succeeds");
+
+    // DISABLE refuses new connections; ENABLE lets them in again.
+    admin_query(&admin, "DISABLE app").await.unwrap();
+    let err = proxy
+        .try_connect(
+            pgpilot::demo::DEMO_USER,
+            pgpilot::demo::DEMO_PASSWORD,
+            "app",
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("57P03"), "{err}");
+    admin_query(&admin, "ENABLE app").await.unwrap();
+    proxy.connect().await;
+
+    // KILL_CLIENT ends that session with 57P01.
+    admin_query(&admin, &format!("KILL_CLIENT {id}"))
+        .await
+        .unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .expect("the victim's connection ends")
+        .unwrap();
+    let err = ended.expect_err("terminated by the admin");
+    assert_eq!(err.code().map(|c| c.code()), Some("57P01"), "{err}");
+    admin_query(&admin, "RECONNECT app").await.unwrap();
+    let err = admin_query(&admin, "KILL_CLIENT 999999").await.unwrap_err();
     assert_eq!(err.code().map(|c| c.code()), Some("42704"));
     proxy.shutdown().await;
 }

@@ -121,6 +121,33 @@ async fn metrics_grow_during_pgbench_and_probes_answer() {
     assert_eq!(second["pgpilot_node_elected{node=\"pg1\"}"], 1.0);
     assert_eq!(second["pgpilot_node_up{node=\"pg2\"}"], 1.0);
     assert!(body.contains("# TYPE pgpilot_query_duration_seconds histogram"));
+    // Every metric the Grafana dashboard queries is exported.
+    let dashboard = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/compose/grafana/pgpilot-dashboard.json"
+    ))
+    .expect("dashboard");
+    let mut used: Vec<&str> = dashboard
+        .match_indices("pgpilot_")
+        .map(|(i, _)| {
+            let rest = &dashboard[i..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len());
+            &rest[..end]
+        })
+        .map(|m| m.trim_end_matches("_bucket"))
+        .filter(|m| *m != "pgpilot_") // the dashboard's own uid/title
+        .collect();
+    used.sort();
+    used.dedup();
+    assert!(used.len() > 10, "{used:?}");
+    for m in used {
+        assert!(
+            body.contains(&format!("# TYPE {m} ")),
+            "the dashboard uses {m}, not exported"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
     proxy.shutdown().await;
 }

@@ -10,6 +10,14 @@ pub enum Command {
     Fence(String),
     Unfence(String),
     Shutdown,
+    Pause(Option<String>),
+    Resume(Option<String>),
+    Reconnect(Option<String>),
+    Disable(String),
+    Enable(String),
+    Kill(Option<String>),
+    KillClient(u64),
+    Reload,
     /// A PgBouncer command pgpilot does not implement (yet): named in the error.
     Unsupported(String),
     Empty,
@@ -33,12 +41,14 @@ pub fn parse(query: &str) -> Result<Command, ParseError> {
     };
     let verb = first.to_ascii_uppercase();
     let arg = |i: usize| words.get(i).map(|w| unquote(w));
-    let one_arg = |name: &str| -> Result<String, ParseError> {
+    let one = |name: &str, what: &str| -> Result<String, ParseError> {
         match (arg(1), words.len()) {
             (Some(a), 2) => Ok(a),
-            _ => Err(ParseError(format!("usage: {name} <node>"))),
+            _ => Err(ParseError(format!("usage: {name} <{what}>"))),
         }
     };
+    let one_arg = |name: &str| one(name, "node");
+    let one_db = |name: &str| one(name, "database");
     match verb.as_str() {
         "SHOW" => match (arg(1), words.len()) {
             (Some(what), 2) => Ok(Command::Show(what.to_ascii_uppercase())),
@@ -49,10 +59,20 @@ pub fn parse(query: &str) -> Result<Command, ParseError> {
         "FENCE" => one_arg("FENCE").map(Command::Fence),
         "UNFENCE" => one_arg("UNFENCE").map(Command::Unfence),
         "SHUTDOWN" if words.len() == 1 => Ok(Command::Shutdown),
-        "PAUSE" | "RESUME" | "RECONNECT" | "RELOAD" | "DISABLE" | "ENABLE" | "KILL"
-        | "KILL_CLIENT" | "SUSPEND" | "WAIT_CLOSE" | "SET" | "SHUTDOWN" => {
-            Ok(Command::Unsupported(verb))
-        }
+        "PAUSE" if words.len() <= 2 => Ok(Command::Pause(arg(1))),
+        "RESUME" if words.len() <= 2 => Ok(Command::Resume(arg(1))),
+        "RECONNECT" if words.len() <= 2 => Ok(Command::Reconnect(arg(1))),
+        "KILL" if words.len() <= 2 => Ok(Command::Kill(arg(1))),
+        "DISABLE" => one_db("DISABLE").map(Command::Disable),
+        "ENABLE" => one_db("ENABLE").map(Command::Enable),
+        "KILL_CLIENT" => match arg(1).and_then(|a| a.parse().ok()) {
+            Some(id) if words.len() == 2 => Ok(Command::KillClient(id)),
+            _ => Err(ParseError(
+                "usage: KILL_CLIENT <id from SHOW CLIENTS>".into(),
+            )),
+        },
+        "RELOAD" if words.len() == 1 => Ok(Command::Reload),
+        "SUSPEND" | "WAIT_CLOSE" | "SET" | "SHUTDOWN" => Ok(Command::Unsupported(verb)),
         _ => Err(ParseError(format!(
             "invalid command \"{}\"; see SHOW HELP",
             first
@@ -78,7 +98,11 @@ mod tests {
         );
         assert_eq!(parse("FENCE pg3"), Ok(Command::Fence("pg3".into())));
         assert_eq!(parse(""), Ok(Command::Empty));
-        assert_eq!(parse("pause app"), Ok(Command::Unsupported("PAUSE".into())));
+        assert_eq!(parse("pause app"), Ok(Command::Pause(Some("app".into()))));
+        assert_eq!(parse("KILL_CLIENT 7"), Ok(Command::KillClient(7)));
+        assert!(parse("KILL_CLIENT x").is_err());
+        assert!(parse("DISABLE").is_err());
+        assert_eq!(parse("suspend"), Ok(Command::Unsupported("SUSPEND".into())));
         assert!(parse("PROMOTE").is_err());
         assert!(parse("SHOW").is_err());
         assert!(parse("DROP TABLE x").is_err());

@@ -150,6 +150,87 @@ async fn run(shared: &Arc<Shared>, access: Access, sql: &str, out: &mut BytesMut
         },
         Command::Fence(node) => set_fence(shared, out, &node, true),
         Command::Unfence(node) => set_fence(shared, out, &node, false),
+        Command::Pause(db) => {
+            shared.gate.pause(db.as_deref());
+            // As PgBouncer: answer once the servers in use have been released.
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+            let busy = || {
+                shared
+                    .pools
+                    .of_database(db.as_deref())
+                    .iter()
+                    .map(|p| p.active_count())
+                    .sum::<usize>()
+            };
+            while busy() > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            let left = busy();
+            if left > 0 {
+                let msg = format!("{left} server connections still in use after 30s");
+                backend::notice(out, &msg, None);
+            }
+            backend::command_complete(out, "PAUSE");
+        }
+        Command::Resume(db) => {
+            shared.gate.resume(db.as_deref());
+            backend::command_complete(out, "RESUME");
+        }
+        Command::Reconnect(db) => {
+            for p in shared.pools.of_database(db.as_deref()) {
+                p.reconnect();
+            }
+            backend::command_complete(out, "RECONNECT");
+        }
+        Command::Disable(db) | Command::Enable(db) if shared.config().database(&db).is_none() => {
+            error(
+                out,
+                sqlstate::UNDEFINED_OBJECT,
+                &format!("no database named \"{db}\""),
+            )
+        }
+        Command::Disable(db) => {
+            shared.gate.set_disabled(&db, true);
+            backend::command_complete(out, "DISABLE");
+        }
+        Command::Enable(db) => {
+            shared.gate.set_disabled(&db, false);
+            backend::command_complete(out, "ENABLE");
+        }
+        Command::Kill(db) => {
+            // Every client of the database (admin sessions excepted) and its server
+            // connections.
+            for (_, c) in shared.sessions.list() {
+                let admin = crate::config::is_admin_database(&c.database);
+                if !admin && db.as_deref().is_none_or(|d| d == c.database) {
+                    c.kill.cancel();
+                }
+            }
+            for p in shared.pools.of_database(db.as_deref()) {
+                p.abort_all();
+            }
+            backend::command_complete(out, "KILL");
+        }
+        Command::KillClient(id) => match shared.sessions.get(id) {
+            Some(c) => {
+                c.kill.cancel();
+                backend::command_complete(out, "KILL_CLIENT");
+            }
+            None => error(
+                out,
+                sqlstate::UNDEFINED_OBJECT,
+                &format!("no client with id {id} (see SHOW CLIENTS, column ptr)"),
+            ),
+        },
+        Command::Reload => match crate::reload::reload(shared).await {
+            Ok(notes) => {
+                for n in &notes {
+                    backend::notice(out, n, None);
+                }
+                backend::command_complete(out, "RELOAD");
+            }
+            Err(e) => error(out, sqlstate::CONFIG_FILE_ERROR, &e),
+        },
         Command::Shutdown => {
             shared.stop.cancel();
             backend::command_complete(out, "SHUTDOWN");

@@ -12,7 +12,8 @@ use Type::{Float8, Int4, Int8, Numeric, Text};
 
 pub const HELP: &str = "\
 SHOW HELP|VERSION|CONFIG|LISTS|DATABASES|USERS|POOLS|STATS|STATS_TOTALS|STATS_AVERAGES
-SHOW NODES|FAILOVERS|EVENTS
+SHOW CLIENTS|SERVERS|NODES|FAILOVERS|EVENTS
+PAUSE [db], RESUME [db], RECONNECT [db], DISABLE db, ENABLE db, KILL [db], KILL_CLIENT id, RELOAD
 SWITCHOVER [node]   planned switchover to node (or the best replica)
 PROMOTE node        promote node now (forced: no health verdict, no lag limit)
 FENCE node          never route to node; UNFENCE node lifts an operator's fence
@@ -41,6 +42,8 @@ pub fn show(shared: &Shared, what: &str) -> Option<Table> {
         }
         "CONFIG" => settings(&config),
         "STATS" => stats(shared),
+        "CLIENTS" => clients(shared),
+        "SERVERS" => servers(shared),
         "STATS_TOTALS" => stats_table(shared, false),
         "STATS_AVERAGES" => stats_table(shared, true),
         "LISTS" => lists(shared, &config),
@@ -83,6 +86,7 @@ fn nodes(shared: &Shared) -> Table {
                 None => "no",
                 Some(crate::cluster::Fence::Claim) => "claim",
                 Some(crate::cluster::Fence::Operator) => "operator",
+                Some(crate::cluster::Fence::Removed) => "removed",
             }),
             opt(n.lag_bytes),
             opt(n.lag_seconds.map(|l| format!("{l:.3}"))),
@@ -206,6 +210,107 @@ fn stats_table(shared: &Shared, averages: bool) -> Table {
             st.totals()
         };
         t.row(totals_row(&db, numbers));
+    }
+    t
+}
+
+const CONNECTION_COLUMNS: [(&str, Type); 18] = [
+    ("type", Text),
+    ("user", Text),
+    ("database", Text),
+    ("state", Text),
+    ("addr", Text),
+    ("port", Int4),
+    ("local_addr", Text),
+    ("local_port", Int4),
+    ("connect_time", Text),
+    ("request_time", Text),
+    ("wait", Int4),
+    ("wait_us", Int4),
+    ("close_needed", Int4),
+    ("ptr", Text),
+    ("link", Text),
+    ("remote_pid", Int4),
+    ("tls", Text),
+    ("application_name", Text),
+];
+
+fn ms_time(ms: u64) -> Option<String> {
+    (ms > 0).then(|| utc(SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms)))
+}
+
+/// One row per client session; `ptr` is the id `KILL_CLIENT` takes.
+fn clients(shared: &Shared) -> Table {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut t = Table::new(&CONNECTION_COLUMNS);
+    let now = crate::registry::now_ms();
+    for (id, c) in shared.sessions.list() {
+        let state = c.state.load(Relaxed);
+        let waited_us = if state == crate::registry::WAITING {
+            now.saturating_sub(c.wait_since_ms.load(Relaxed)) * 1000
+        } else {
+            0
+        };
+        t.row(vec![
+            s("C"),
+            s(&c.user),
+            s(&c.database),
+            s(if state == crate::registry::WAITING {
+                "waiting"
+            } else {
+                "active"
+            }),
+            s(c.peer.ip()),
+            s(c.peer.port()),
+            opt(c.local.map(|a| a.ip())),
+            opt(c.local.map(|a| a.port())),
+            ms_time(c.connect_ms),
+            ms_time(c.request_ms.load(Relaxed)).or_else(|| ms_time(c.connect_ms)),
+            s(waited_us / 1_000_000),
+            s(waited_us % 1_000_000),
+            s(0),
+            s(id),
+            None,
+            s(0),
+            s(if c.tls { "TLS" } else { "" }),
+            s(&c.application_name),
+        ]);
+    }
+    t
+}
+
+/// PgBouncer's columns plus `node`.
+fn servers(shared: &Shared) -> Table {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut columns = CONNECTION_COLUMNS.to_vec();
+    columns.push(("node", Text));
+    let mut t = Table::new(&columns);
+    for (id, c) in shared.pools.servers.list() {
+        t.row(vec![
+            s("S"),
+            s(&c.user),
+            s(&c.database),
+            s(if c.active.load(Relaxed) {
+                "active"
+            } else {
+                "idle"
+            }),
+            s(&c.addr),
+            s(c.port),
+            opt(c.local.map(|a| a.ip())),
+            opt(c.local.map(|a| a.port())),
+            ms_time(c.connect_ms),
+            ms_time(c.request_ms.load(Relaxed)).or_else(|| ms_time(c.connect_ms)),
+            s(0),
+            s(0),
+            s(0),
+            s(format!("s{id}")),
+            None,
+            s(c.remote_pid),
+            s(if c.tls { "TLS" } else { "" }),
+            s(""),
+            s(&c.node),
+        ]);
     }
     t
 }

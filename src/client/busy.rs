@@ -197,6 +197,7 @@ impl Drive<'_> {
                 _ = sleep_until_opt(deadline) => Event::Forced,
                 _ = txn.shared.shutdown.cancelled(), if deadline.is_none() => Event::ShutdownStarted,
                 _ = abort.cancelled() => Event::Fenced,
+                _ = txn.client.kill.cancelled() => Event::Forced,
                 r = server.next() => Event::Server(r),
                 // While an answer is on its way the client is not polled (each poll would cost a
                 // read that finds nothing); pipelined requests wait in the socket meanwhile.

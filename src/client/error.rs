@@ -28,6 +28,8 @@ pub enum ClientError {
     AdminProtocol,
     #[error("no {0} is available")]
     NoNode(&'static str),
+    #[error("database \"{0}\" does not allow connections (DISABLE)")]
+    Disabled(String),
     #[error(transparent)]
     Pool(#[from] PoolError),
     #[error("server connection lost: {0}")]
@@ -69,7 +71,9 @@ impl ClientError {
             ClientError::AdminDenied(_) => fatal(sqlstate::INVALID_AUTHORIZATION),
             ClientError::AdminProtocol => fatal(sqlstate::PROTOCOL_VIOLATION),
             ClientError::TooManyClients => fatal(sqlstate::TOO_MANY_CONNECTIONS),
-            ClientError::NoNode(_) => fatal(sqlstate::CANNOT_CONNECT_NOW),
+            ClientError::NoNode(_) | ClientError::Disabled(_) => {
+                fatal(sqlstate::CANNOT_CONNECT_NOW)
+            }
             ClientError::Pool(PoolError::CheckoutTimeout(_)) => fatal(sqlstate::QUERY_WAIT_TIMEOUT),
             ClientError::Pool(PoolError::Connect(ServerError::Rejected(fields))) => Some((
                 Severity::Fatal,

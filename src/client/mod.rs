@@ -29,6 +29,7 @@ use crate::pool::{PoolKey, PoolSettings, PooledConn};
 use crate::protocol::MessageReader;
 use crate::protocol::backend::{self, TxStatus};
 use crate::protocol::startup::{BackendKey, StartupParams};
+use crate::registry::{ClientEntry, now_ms};
 use crate::router::Target;
 use crate::server::ConnectParams;
 use cancel::CancelTarget;
@@ -40,7 +41,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let span = info_span!("client", %peer);
     async move {
         let _ = tcp.set_nodelay(true);
-        if let Err(e) = run(tcp, &shared).await {
+        if let Err(e) = run(tcp, peer, &shared).await {
             debug!(error = %e, "client session ended with an error");
         }
     }
@@ -57,20 +58,33 @@ impl Drop for ClientSlot<'_> {
     }
 }
 
-async fn run(tcp: TcpStream, shared: &Arc<Shared>) -> Result<(), ClientError> {
+async fn run(tcp: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) -> Result<(), ClientError> {
+    let local = tcp.local_addr().ok();
     let Some((stream, params, leftover)) = startup::negotiate(tcp, shared).await? else {
         return Ok(());
+    };
+    let conn = Conn {
+        peer,
+        local,
+        tls: stream.is_tls(),
     };
     let (rd, mut wr) = tokio::io::split(stream);
     let config = shared.config();
     let max_body = config.proxy.max_message_size.0 as usize;
     let mut reader = MessageReader::new(rd, leftover, max_body);
-    let result = session(&mut reader, &mut wr, &params, shared).await;
+    let result = session(&mut reader, &mut wr, &params, shared, &conn).await;
     if let Err(e) = &result {
         send_error(&mut wr, e).await;
     }
     let _ = wr.shutdown().await;
     result
+}
+
+/// The client's connection as `SHOW CLIENTS` lists it.
+struct Conn {
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+    tls: bool,
 }
 
 /// Everything after the startup packet: admission, authentication, the session.
@@ -79,6 +93,7 @@ async fn session<R, W>(
     wr: &mut W,
     params: &StartupParams,
     shared: &Arc<Shared>,
+    conn: &Conn,
 ) -> Result<(), ClientError>
 where
     R: tokio::io::AsyncRead + Unpin,
@@ -98,12 +113,32 @@ where
     wr.write_all(&out)
         .await
         .map_err(crate::protocol::ProtocolError::Io)?;
+    let registered = shared.sessions.register(|_| ClientEntry {
+        user: user.to_owned(),
+        database: database.to_owned(),
+        application_name: params
+            .get("application_name")
+            .unwrap_or_default()
+            .to_owned(),
+        peer: conn.peer,
+        local: conn.local,
+        tls: conn.tls,
+        connect_ms: now_ms(),
+        request_ms: Default::default(),
+        state: Default::default(),
+        wait_since_ms: Default::default(),
+        kill: Default::default(),
+    });
+    let client = registered.entry.clone();
     if is_admin_database(database) {
         return crate::admin::serve(reader, wr, shared, user).await;
     }
     let db = config
         .database(database)
         .ok_or_else(|| ClientError::UnknownDatabase(database.to_owned()))?;
+    if shared.gate.is_disabled(database) {
+        return Err(ClientError::Disabled(database.to_owned()));
+    }
     let startup = Settings::from_pairs(
         params
             .params
@@ -117,10 +152,14 @@ where
             )
             .collect::<Vec<_>>(),
     );
+    let kill = client.kill.clone();
     match config.proxy.pool_mode {
-        PoolMode::Session => session_mode(reader, wr, shared, &config, db, user, &startup).await,
+        PoolMode::Session => tokio::select! {
+            r = session_mode(reader, wr, shared, &config, db, user, &startup) => r,
+            _ = kill.cancelled() => Err(ClientError::Shutdown),
+        },
         PoolMode::Transaction => {
-            transaction_mode(reader, wr, shared, &config, db, user, startup).await
+            transaction_mode(reader, wr, shared, &config, db, startup, client).await
         }
     }
 }
@@ -195,13 +234,15 @@ async fn transaction_mode<R, W>(
     shared: &Arc<Shared>,
     config: &Arc<Config>,
     db: &DatabaseConfig,
-    user: &str,
     startup: Settings,
+    client: Arc<ClientEntry>,
 ) -> Result<(), ClientError>
 where
     R: tokio::io::AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let entry = client.clone();
+    let user = entry.user.as_str();
     let target = session_target(db);
     // Any healthy node can describe the session: when the preferred kind is down, take the
     // other.
@@ -253,6 +294,7 @@ where
         incoming: Default::default(),
         pools: vec![None; config.nodes.len()],
         stats: shared.stats.db(&db.name),
+        client,
     };
     let result = txn.run().await;
     shared.cancels.unregister(key);
@@ -300,12 +342,7 @@ pub(crate) fn pool_for(
             tls_required,
             connect_timeout: config.proxy.server_connect_timeout.0,
         };
-        let settings = PoolSettings {
-            size: config.proxy.pool_size,
-            min_size: config.proxy.min_pool_size,
-            idle_timeout: config.proxy.server_idle_timeout.0,
-            lifetime: config.proxy.server_lifetime.0,
-        };
+        let settings = PoolSettings::from_config(&config.proxy);
         (connect, settings)
     })
 }

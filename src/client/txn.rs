@@ -63,6 +63,8 @@ pub(super) struct Txn<'a, R, W> {
     pub pools: Vec<Option<Arc<crate::pool::Pool>>>,
     /// This database's traffic counters.
     pub stats: Arc<crate::stats::DbStats>,
+    /// This client in `SHOW CLIENTS`; its `kill` token ends the session.
+    pub client: Arc<crate::registry::ClientEntry>,
 }
 
 /// How serving on one borrowed connection ended.
@@ -117,6 +119,10 @@ where
         let mut unit = unit;
         // A primary that refuses connections is waited out: new requests proceed on the next
         // elected primary within failover_wait_timeout.
+        if self.shared.gate.is_paused(self.database) {
+            self.client.set_state(crate::registry::WAITING);
+            self.shared.gate.wait_resumed(self.database).await;
+        }
         let primary_deadline = Instant::now() + primary_wait(&self.config.cluster);
         loop {
             let (node, on_replica) = match self.choose(target, &exclude).await {
@@ -148,7 +154,9 @@ where
                 Err(e) => return self.fail_request(&e, unit.readies()).await,
             };
             let may_retry = retryable && exclude.len() < 2;
-            match busy::serve(self, held, unit, may_retry, &m).await {
+            let end = busy::serve(self, held, unit, may_retry, &m).await;
+            self.client.set_state(crate::registry::IDLE);
+            match end {
                 BusyEnd::Released => return Ok(()),
                 BusyEnd::Retry(units) => {
                     exclude.push(node);
@@ -185,6 +193,7 @@ where
                 _ = self.shared.shutdown.cancelled(), if unit.frames.is_empty() => {
                     return Err(ClientError::Shutdown);
                 }
+                _ = self.client.kill.cancelled() => return Err(ClientError::Shutdown),
                 f = self.reader.next() => match f? {
                     Some(f) => f,
                     None => return Ok(None),
@@ -333,9 +342,14 @@ where
             }
         };
         let waited = Instant::now();
-        let mut conn = pool
-            .checkout(self.config.proxy.query_wait_timeout.0)
-            .await?;
+        self.client.set_state(crate::registry::WAITING);
+        let checked_out = pool.checkout(self.config.proxy.query_wait_timeout.0).await;
+        self.client.set_state(if checked_out.is_ok() {
+            crate::registry::ACTIVE
+        } else {
+            crate::registry::IDLE
+        });
+        let mut conn = checked_out?;
         self.stats.wait(waited.elapsed());
         let server = conn.conn();
         if let Err(e) = server.apply_settings(&self.settings).await {

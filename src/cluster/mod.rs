@@ -52,7 +52,12 @@ pub enum Fence {
     Claim,
     /// An operator fenced it; only an operator lifts it.
     Operator,
+    /// Removed from the configuration by a reload: no longer probed or routed to.
+    Removed,
 }
+
+/// Nodes a cluster can hold, including ones added by reloads.
+pub const MAX_NODES: usize = 64;
 
 /// The current run of failed probes of a node.
 #[derive(Debug, Clone)]
@@ -145,8 +150,12 @@ impl ClusterView {
 pub struct Cluster {
     view: ArcSwap<ClusterView>,
     changed: watch::Sender<u64>,
-    /// Per node: wakes its prober for an immediate probe.
+    /// Per node slot: wakes its prober for an immediate probe.
     wake: Vec<Notify>,
+    /// What probes use; replaced by a reload.
+    config: ArcSwap<ClusterConfig>,
+    /// Where probes of nodes added later are spawned (set by `spawn_probes`).
+    spawner: parking_lot::Mutex<Option<(TaskTracker, CancellationToken)>>,
 }
 
 /// One probe outcome as the prober reports it, hysteresis already applied to `healthy`.
@@ -155,29 +164,34 @@ pub struct Report {
     pub healthy: bool,
 }
 
+fn status_of(n: &NodeConfig) -> NodeStatus {
+    NodeStatus {
+        name: n.name.clone(),
+        host: n.host.clone(),
+        port: n.port,
+        priority: n.priority,
+        no_failover: n.no_failover,
+        data_dir: n.data_dir.clone(),
+        role: Role::Unknown,
+        healthy: false,
+        fenced: None,
+        sample: None,
+        failure: None,
+        last_ok: None,
+        lag_bytes: None,
+        lag_seconds: None,
+        last_error: None,
+    }
+}
+
 impl Cluster {
     pub fn new(nodes: &[NodeConfig]) -> Arc<Self> {
+        Self::with_config(nodes, ClusterConfig::default())
+    }
+
+    pub fn with_config(nodes: &[NodeConfig], config: ClusterConfig) -> Arc<Self> {
         let view = ClusterView {
-            nodes: nodes
-                .iter()
-                .map(|n| NodeStatus {
-                    name: n.name.clone(),
-                    host: n.host.clone(),
-                    port: n.port,
-                    priority: n.priority,
-                    no_failover: n.no_failover,
-                    data_dir: n.data_dir.clone(),
-                    role: Role::Unknown,
-                    healthy: false,
-                    fenced: None,
-                    sample: None,
-                    failure: None,
-                    last_ok: None,
-                    lag_bytes: None,
-                    lag_seconds: None,
-                    last_error: None,
-                })
-                .collect(),
+            nodes: nodes.iter().map(status_of).collect(),
             elected: None,
             primary: None,
             epoch: 0,
@@ -186,8 +200,58 @@ impl Cluster {
         Arc::new(Cluster {
             view: ArcSwap::from_pointee(view),
             changed: watch::channel(0).0,
-            wake: nodes.iter().map(|_| Notify::new()).collect(),
+            wake: (0..MAX_NODES).map(|_| Notify::new()).collect(),
+            config: ArcSwap::from_pointee(config),
+            spawner: parking_lot::Mutex::new(None),
         })
+    }
+
+    pub fn config(&self) -> Arc<ClusterConfig> {
+        self.config.load_full()
+    }
+
+    pub fn set_config(&self, config: ClusterConfig) {
+        self.config.store(Arc::new(config));
+    }
+
+    /// Adds a node from a reload (or brings back a removed one under the same name) and
+    /// starts probing it. Returns its index, or `None` when the cluster is full.
+    pub fn add_node(self: &Arc<Self>, node: &NodeConfig) -> Option<usize> {
+        let view = self.view();
+        let index = match view.index_of(&node.name) {
+            Some(i) => i,
+            None if view.nodes.len() < MAX_NODES => view.nodes.len(),
+            None => return None,
+        };
+        self.update(|v| {
+            let status = status_of(node);
+            match v.nodes.get_mut(index) {
+                Some(slot) => *slot = status,
+                None => v.nodes.push(status),
+            }
+        });
+        if let Some((tracker, token)) = self.spawner.lock().clone() {
+            let prober = probe::Prober::new(self.clone(), index);
+            tracker.spawn(async move { prober.run(token).await });
+        }
+        Some(index)
+    }
+
+    /// Takes a node out (a reload removed it): fenced for good, its prober stops.
+    pub fn remove_node(&self, index: usize) {
+        self.set_fence(index, Some(Fence::Removed));
+        self.probe_now(index);
+    }
+
+    /// Applies a reload's new priority / no_failover / data_dir to a node.
+    pub fn update_node(&self, index: usize, node: &NodeConfig) {
+        self.update(|v| {
+            if let Some(n) = v.nodes.get_mut(index) {
+                n.priority = node.priority;
+                n.no_failover = node.no_failover;
+                n.data_dir = node.data_dir.clone();
+            }
+        });
     }
 
     pub fn view(&self) -> Arc<ClusterView> {
@@ -290,8 +354,10 @@ impl Cluster {
         tracker: &TaskTracker,
         shutdown: &CancellationToken,
     ) {
+        self.set_config(config.clone());
+        *self.spawner.lock() = Some((tracker.clone(), shutdown.clone()));
         for index in 0..self.view().nodes.len() {
-            let prober = probe::Prober::new(self.clone(), index, config.clone());
+            let prober = probe::Prober::new(self.clone(), index);
             let token = shutdown.clone();
             tracker.spawn(async move { prober.run(token).await });
         }

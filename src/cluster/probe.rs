@@ -13,7 +13,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, SimpleQueryMessage, SimpleQueryRow};
 use tokio_util::sync::CancellationToken;
 
-use super::{Cluster, Lsn, Report, monitor};
+use super::{Cluster, Fence, Lsn, Report, monitor};
 use crate::config::ClusterConfig;
 
 /// One query that works on a primary and on a standby. Functions that fail during recovery
@@ -203,7 +203,6 @@ impl Sample {
 pub(super) struct Prober {
     cluster: Arc<Cluster>,
     index: usize,
-    config: ClusterConfig,
     client: Option<Client>,
     healthy: bool,
     /// Consecutive results that disagree with `healthy`.
@@ -211,11 +210,10 @@ pub(super) struct Prober {
 }
 
 impl Prober {
-    pub(super) fn new(cluster: Arc<Cluster>, index: usize, config: ClusterConfig) -> Self {
+    pub(super) fn new(cluster: Arc<Cluster>, index: usize) -> Self {
         Prober {
             cluster,
             index,
-            config,
             client: None,
             healthy: false,
             streak: 0,
@@ -231,18 +229,33 @@ impl Prober {
                 _ = tokio::time::sleep_until(next) => {}
                 _ = self.cluster.wake[self.index].notified() => {}
             }
+            let index = self.index;
+            let removed = |c: &Cluster| {
+                c.view()
+                    .nodes
+                    .get(index)
+                    .is_none_or(|n| n.fenced == Some(Fence::Removed))
+            };
+            if removed(&self.cluster) {
+                return;
+            }
+            let config = self.cluster.config();
             let started = Instant::now();
-            let result =
-                match tokio::time::timeout(self.config.probe_timeout.0, self.probe_once()).await {
-                    Ok(r) => r,
-                    Err(_) => Err(ProbeError::new(
-                        FailureKind::Timeout,
-                        "probe timed out",
-                        started,
-                    )),
-                };
+            let result = match tokio::time::timeout(
+                config.probe_timeout.0,
+                self.probe_once(&config),
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(_) => Err(ProbeError::new(
+                    FailureKind::Timeout,
+                    "probe timed out",
+                    started,
+                )),
+            };
             // A failing node is probed five times as often: its next state matters most.
-            let interval = self.config.probe_interval.0;
+            let interval = config.probe_interval.0;
             next = started
                 + if result.is_ok() {
                     interval
@@ -253,18 +266,25 @@ impl Prober {
                 self.client = None;
             }
             // The first result counts at once: no reason to wait at startup.
-            let healthy = self.apply_hysteresis(result.is_ok(), std::mem::take(&mut first));
+            let healthy = self.apply_hysteresis(
+                result.is_ok(),
+                std::mem::take(&mut first),
+                config.probe_failures,
+            );
+            if removed(&self.cluster) {
+                return;
+            }
             self.cluster.report(self.index, Report { result, healthy });
         }
     }
 
-    fn apply_hysteresis(&mut self, ok: bool, first: bool) -> bool {
+    fn apply_hysteresis(&mut self, ok: bool, first: bool, failures: u32) -> bool {
         if first || ok == self.healthy {
             self.healthy = ok;
             self.streak = 0;
         } else {
             self.streak += 1;
-            if self.streak >= self.config.probe_failures.max(1) {
+            if self.streak >= failures.max(1) {
                 self.healthy = ok;
                 self.streak = 0;
             }
@@ -272,16 +292,16 @@ impl Prober {
         self.healthy
     }
 
-    async fn probe_once(&mut self) -> Result<Sample, ProbeError> {
+    async fn probe_once(&mut self, config: &ClusterConfig) -> Result<Sample, ProbeError> {
         if self.client.as_ref().is_none_or(Client::is_closed) {
             let started = Instant::now();
             let node = self.cluster.view().nodes[self.index].clone();
             let client = monitor::connect(
-                &self.config,
+                config,
                 &node.host,
                 node.port,
                 "pgpilot-probe",
-                self.config.probe_timeout.0,
+                config.probe_timeout.0,
             )
             .await
             .map_err(|e| ProbeError::from_pg(&e, started))?;

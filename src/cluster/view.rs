@@ -100,7 +100,7 @@ impl ClusterView {
         let best = (0..self.nodes.len())
             .filter(|&i| {
                 let n = &self.nodes[i];
-                n.claims_primary() && n.fenced != Some(Fence::Operator)
+                n.claims_primary() && !matches!(n.fenced, Some(Fence::Operator | Fence::Removed))
             })
             .max_by_key(|&i| {
                 let n = &self.nodes[i];

@@ -13,6 +13,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::protocol::backend::TxStatus;
+use crate::registry::{Registry, ServerEntry, now_ms};
 use crate::server::{ConnectParams, ServerConn, ServerError};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -39,10 +40,23 @@ pub struct PoolSettings {
     pub lifetime: Duration,
 }
 
+impl PoolSettings {
+    pub fn from_config(p: &crate::config::ProxyConfig) -> Self {
+        PoolSettings {
+            size: p.pool_size,
+            min_size: p.min_pool_size,
+            idle_timeout: p.server_idle_timeout.0,
+            lifetime: p.server_lifetime.0,
+        }
+    }
+}
+
 pub struct Pool {
     pub key: PoolKey,
     connect: ConnectParams,
-    settings: PoolSettings,
+    settings: Mutex<PoolSettings>,
+    /// Permits still to take away after a reload made the pool smaller.
+    shrink: AtomicUsize,
     permits: Arc<Semaphore>,
     idle: Mutex<Vec<ServerConn>>,
     /// Server connections opened over the pool's life.
@@ -51,22 +65,33 @@ pub struct Pool {
     closed: AtomicUsize,
     /// Clients waiting for a connection to free up.
     waiting: AtomicUsize,
+    servers: Arc<Registry<ServerEntry>>,
+    /// RECONNECT: connections opened before this are closed instead of reused.
+    reconnect_before: Mutex<Option<Instant>>,
     /// Cancelled (and replaced) when the node is fenced: sessions on its connections end.
     abort: Mutex<CancellationToken>,
 }
 
 impl Pool {
-    pub fn new(key: PoolKey, connect: ConnectParams, settings: PoolSettings) -> Arc<Self> {
+    pub fn new(
+        key: PoolKey,
+        connect: ConnectParams,
+        settings: PoolSettings,
+        servers: Arc<Registry<ServerEntry>>,
+    ) -> Arc<Self> {
         Arc::new(Pool {
             key,
             connect,
             permits: Arc::new(Semaphore::new(settings.size)),
-            settings,
+            settings: Mutex::new(settings),
+            shrink: AtomicUsize::new(0),
             idle: Mutex::new(Vec::new()),
             opened: AtomicUsize::new(0),
             closed: AtomicUsize::new(0),
             abort: Mutex::new(CancellationToken::new()),
             waiting: AtomicUsize::new(0),
+            servers,
+            reconnect_before: Mutex::new(None),
         })
     }
 
@@ -83,30 +108,54 @@ impl Pool {
             }
         };
         let now = Instant::now();
+        let settings = self.settings();
         loop {
             let Some(conn) = self.idle.lock().pop() else {
                 break;
             };
-            let expired = now.duration_since(conn.created) >= self.settings.lifetime
-                || now.duration_since(conn.last_used) >= self.settings.idle_timeout;
+            let expired = now.duration_since(conn.created) >= settings.lifetime
+                || now.duration_since(conn.last_used) >= settings.idle_timeout;
             if expired || conn.is_dead() {
                 self.closed.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(conn.close());
                 continue;
             }
-            return Ok(PooledConn {
-                conn: Some(conn),
-                pool: self.clone(),
-                _permit: permit,
-            });
+            return Ok(self.lend(conn, permit));
         }
-        let conn = ServerConn::connect(&self.connect).await?;
-        self.opened.fetch_add(1, Ordering::Relaxed);
-        Ok(PooledConn {
+        let conn = self.connect().await?;
+        Ok(self.lend(conn, permit))
+    }
+
+    fn lend(self: &Arc<Self>, conn: ServerConn, permit: OwnedSemaphorePermit) -> PooledConn {
+        if let Some(r) = &conn.registered {
+            r.entry.set_active(true);
+        }
+        PooledConn {
             conn: Some(conn),
             pool: self.clone(),
             _permit: permit,
-        })
+        }
+    }
+
+    /// Opens a server connection and lists it in `SHOW SERVERS`.
+    async fn connect(&self) -> Result<ServerConn, ServerError> {
+        let mut conn = ServerConn::connect(&self.connect).await?;
+        self.opened.fetch_add(1, Ordering::Relaxed);
+        let entry = |_| ServerEntry {
+            node: self.key.node.to_string(),
+            user: self.key.user.to_string(),
+            database: self.key.database.to_string(),
+            addr: conn.host.clone(),
+            port: conn.port,
+            local: conn.local,
+            remote_pid: conn.key.pid,
+            tls: conn.is_tls(),
+            connect_ms: now_ms(),
+            request_ms: Default::default(),
+            active: Default::default(),
+        };
+        conn.registered = Some(self.servers.register(entry));
+        Ok(conn)
     }
 
     /// Server connections opened so far.
@@ -124,15 +173,21 @@ impl Pool {
     /// `min_pool_size`) and opens connections up to `min_pool_size`.
     pub async fn maintain(self: &Arc<Self>) {
         let now = Instant::now();
+        let pending = self.shrink.load(Ordering::Relaxed);
+        if pending > 0 {
+            let taken = self.permits.forget_permits(pending);
+            self.shrink.fetch_sub(taken, Ordering::Relaxed);
+        }
+        let settings = self.settings();
         let stale: Vec<ServerConn> = {
             let mut idle = self.idle.lock();
             let open = self.open();
             let mut keep = Vec::with_capacity(idle.len());
             let mut stale = Vec::new();
             for conn in idle.drain(..) {
-                let too_old = now.duration_since(conn.created) >= self.settings.lifetime;
-                let unused = now.duration_since(conn.last_used) >= self.settings.idle_timeout;
-                let above_min = open.saturating_sub(stale.len()) > self.settings.min_size;
+                let too_old = now.duration_since(conn.created) >= settings.lifetime;
+                let unused = now.duration_since(conn.last_used) >= settings.idle_timeout;
+                let above_min = open.saturating_sub(stale.len()) > settings.min_size;
                 if too_old || conn.is_dead() || (unused && above_min) {
                     stale.push(conn);
                 } else {
@@ -146,12 +201,9 @@ impl Pool {
         for conn in stale {
             conn.close().await;
         }
-        while self.open() < self.settings.min_size.min(self.settings.size) {
-            match ServerConn::connect(&self.connect).await {
-                Ok(conn) => {
-                    self.opened.fetch_add(1, Ordering::Relaxed);
-                    self.check_in(conn);
-                }
+        while self.open() < settings.min_size.min(settings.size) {
+            match self.connect().await {
+                Ok(conn) => self.check_in(conn),
                 Err(e) => {
                     tracing::debug!(pool = %self.key.node, error = %e, "could not pre-open a server connection");
                     break;
@@ -184,11 +236,56 @@ impl Pool {
     }
 
     pub fn active_count(&self) -> usize {
-        self.settings.size - self.permits.available_permits()
+        let outstanding = self.settings().size + self.shrink.load(Ordering::Relaxed);
+        outstanding.saturating_sub(self.permits.available_permits())
+    }
+
+    pub fn settings(&self) -> PoolSettings {
+        *self.settings.lock()
+    }
+
+    /// A reload's new size and timeouts: a larger pool grows at once, a smaller one as
+    /// connections come back.
+    pub fn resize(&self, next: PoolSettings) {
+        let mut settings = self.settings.lock();
+        let old = settings.size;
+        *settings = next;
+        drop(settings);
+        if next.size > old {
+            let mut grow = next.size - old;
+            // Cancel a pending shrink first.
+            let pending = self.shrink.load(Ordering::Relaxed);
+            let cancel = pending.min(grow);
+            self.shrink.fetch_sub(cancel, Ordering::Relaxed);
+            grow -= cancel;
+            self.permits.add_permits(grow);
+        } else if next.size < old {
+            let cut = old - next.size;
+            let taken = self.permits.forget_permits(cut);
+            self.shrink.fetch_add(cut - taken, Ordering::Relaxed);
+        }
+    }
+
+    /// RECONNECT: closes idle connections now and every lent one when it comes back.
+    pub fn reconnect(&self) {
+        *self.reconnect_before.lock() = Some(Instant::now());
+        let idle = std::mem::take(&mut *self.idle.lock());
+        self.closed.fetch_add(idle.len(), Ordering::Relaxed);
     }
 
     fn check_in(&self, mut conn: ServerConn) {
+        if self
+            .reconnect_before
+            .lock()
+            .is_some_and(|cutoff| conn.created <= cutoff)
+        {
+            self.closed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         conn.last_used = Instant::now();
+        if let Some(r) = &conn.registered {
+            r.entry.set_active(false);
+        }
         self.idle.lock().push(conn);
     }
 }
@@ -259,6 +356,8 @@ impl Drop for PooledConn {
 #[derive(Default)]
 pub struct Pools {
     map: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+    /// Every open server connection, for `SHOW SERVERS`.
+    pub servers: Arc<Registry<ServerEntry>>,
 }
 
 impl Pools {
@@ -271,7 +370,7 @@ impl Pools {
         map.entry(key.clone())
             .or_insert_with(|| {
                 let (connect, settings) = make();
-                Pool::new(key, connect, settings)
+                Pool::new(key, connect, settings, self.servers.clone())
             })
             .clone()
     }
@@ -291,6 +390,15 @@ impl Pools {
     /// Drops every connection to `node` (fencing); returns how many there were.
     pub fn abort_node(&self, node: &str) -> usize {
         self.of_node(node).iter().map(|p| p.abort_all()).sum()
+    }
+
+    /// Pools serving `database`, or all of them.
+    pub fn of_database(&self, database: Option<&str>) -> Vec<Arc<Pool>> {
+        let map = self.map.lock();
+        map.values()
+            .filter(|p| database.is_none_or(|d| &*p.key.database == d))
+            .cloned()
+            .collect()
     }
 
     /// Connections to `node` currently lent to clients.

@@ -15,3 +15,4 @@ pub const SYNTAX_ERROR: &str = "42601";
 pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
 pub const OBJECT_NOT_IN_PREREQUISITE_STATE: &str = "55000";
 pub const UNDEFINED_OBJECT: &str = "42704";
+pub const CONFIG_FILE_ERROR: &str = "F0000";

@@ -98,7 +98,15 @@ pub fn config(cluster: &DevCluster, tweak: impl FnOnce(&mut Config)) -> Config {
 }
 
 pub async fn start_proxy(config: Config) -> TestProxy {
+    start_proxy_from(config, None).await
+}
+
+/// A proxy whose RELOAD / SIGHUP re-read `path`.
+pub async fn start_proxy_from(config: Config, path: Option<std::path::PathBuf>) -> TestProxy {
     let proxy = pgpilot::app::Proxy::bind(config).await.expect("bind proxy");
+    if let Some(p) = path {
+        proxy.set_config_path(p);
+    }
     let addr = proxy.local_addr();
     let metrics = proxy.metrics_addr();
     let shared = proxy.shared().clone();
