@@ -7,6 +7,9 @@ use crate::devcluster::{DevCluster, DevClusterError, DevClusterOptions};
 pub const DEMO_USER: &str = "app";
 pub const DEMO_PASSWORD: &str = "app-secret";
 pub const DEMO_DATABASE: &str = "app";
+/// The demo's admin console user (`admin_users`).
+pub const DEMO_ADMIN: &str = "admin";
+pub const DEMO_ADMIN_PASSWORD: &str = "admin-secret";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
@@ -30,6 +33,7 @@ pub fn config_for(
          [cluster]\nmonitor_user = \"postgres\"\nmonitor_password = \"{}\"\n\
          rejoin_command = {}\n\
          [[users]]\nname = \"{DEMO_USER}\"\npassword = \"{DEMO_PASSWORD}\"\n\
+         [[users]]\nname = \"{DEMO_ADMIN}\"\npassword = \"{DEMO_ADMIN_PASSWORD}\"\n\
          [[databases]]\nname = \"{DEMO_DATABASE}\"\n",
         crate::devcluster::SUPERUSER_PASSWORD,
         toml_string(&cluster.rejoin_command()),
@@ -84,6 +88,11 @@ pub async fn run(port: u16) -> Result<(), DemoError> {
         addr.port()
     );
     println!("  app=> SELECT count(*) FROM accounts;\n");
+    println!("The admin console (PgBouncer's SHOW commands and pgpilot's own):\n");
+    println!(
+        "  PGPASSWORD={DEMO_ADMIN_PASSWORD} psql -h 127.0.0.1 -p {} -U {DEMO_ADMIN} pgpilot -c 'SHOW NODES'\n",
+        addr.port()
+    );
     println!("Nodes (data in {}):", cluster.dir().display());
     for (i, n) in nodes.iter().enumerate() {
         let role = if i == 0 { "primary" } else { "replica" };

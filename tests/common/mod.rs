@@ -254,6 +254,7 @@ pub const STATS_PASSWORD: &str = "stats-secret";
 /// Adds the admin console users `admin` (admin_users) and `stats` (stats_users).
 pub fn with_admin_users(cfg: &mut Config) {
     for (name, pw) in [("admin", ADMIN_PASSWORD), ("stats", STATS_PASSWORD)] {
+        cfg.users.retain(|u| u.name != name);
         cfg.users.push(pgpilot::config::UserConfig {
             name: name.into(),
             password: Some(pw.into()),
