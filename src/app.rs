@@ -144,6 +144,10 @@ impl Proxy {
             gate: Default::default(),
             config_path: Default::default(),
         });
+        if shared.config().cluster.coordinator != crate::config::Coordinator::None {
+            // Until the coordinator says this instance leads, it only follows.
+            shared.failover.set_leader(false, None);
+        }
         Ok(Proxy {
             shared,
             listener,
@@ -187,6 +191,10 @@ impl Proxy {
             .spawn_probes(&shared.config().cluster, &background, &probes);
         background.spawn(maintain_pools(shared.clone(), probes.clone()));
         background.spawn(crate::failover::run(shared.clone(), probes.clone()));
+        #[cfg(feature = "etcd")]
+        if shared.config().cluster.coordinator == crate::config::Coordinator::Etcd {
+            background.spawn(crate::coordinator::run(shared.clone(), probes.clone()));
+        }
         if let Some(m) = metrics {
             background.spawn(crate::metrics::serve(shared.clone(), m, probes.clone()));
         }

@@ -44,6 +44,8 @@ pub mod auth;
 pub mod client;
 pub mod cluster;
 pub mod config;
+#[cfg(feature = "etcd")]
+pub mod coordinator;
 pub mod demo;
 pub mod devcluster;
 pub mod failover;

@@ -294,7 +294,15 @@ impl Cluster {
     /// Makes `index` the elected primary after the failover controller promoted it; `sample`
     /// is its first probe as a primary. Every other node claiming the role is fenced.
     pub fn install_primary(&self, index: usize, sample: &Sample) {
-        self.update(|v| v.install(index, sample));
+        self.update(|v| v.install(index, Some(sample)));
+    }
+
+    /// Follows the coordinator's record: `index` is the elected primary (another instance
+    /// promoted it); this instance's probes confirm its role before writes go there.
+    pub fn follow_primary(&self, index: usize) {
+        if self.view().elected != Some(index) {
+            self.update(|v| v.install(index, None));
+        }
     }
 
     /// Fences (`Some`) or unfences (`None`) a node.

@@ -47,7 +47,9 @@ impl ClusterView {
         }
     }
 
-    pub(super) fn install(&mut self, index: usize, sample: &Sample) {
+    /// Makes `index` the elected primary; with `sample` (a promotion this instance made), its
+    /// first probe as primary, without (a record another instance published), probes confirm.
+    pub(super) fn install(&mut self, index: usize, sample: Option<&Sample>) {
         if index >= self.nodes.len() {
             return;
         }
@@ -57,11 +59,13 @@ impl ClusterView {
         }
         for (i, n) in self.nodes.iter_mut().enumerate() {
             if i == index {
-                n.role = Role::Primary;
-                n.healthy = true;
-                n.sample = Some(sample.clone());
-                n.failure = None;
-                n.last_ok = Some(Instant::now());
+                if let Some(sample) = sample {
+                    n.role = Role::Primary;
+                    n.healthy = true;
+                    n.sample = Some(sample.clone());
+                    n.failure = None;
+                    n.last_ok = Some(Instant::now());
+                }
                 n.fenced = None;
             } else if (Some(i) == previous || n.role == Role::Primary) && n.fenced.is_none() {
                 n.fenced = Some(Fence::Claim);

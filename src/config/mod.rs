@@ -154,6 +154,16 @@ pub enum FailoverMode {
     Off,
 }
 
+/// Who decides failover when several pgpilot instances front one cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Coordinator {
+    /// This instance alone.
+    None,
+    /// The holder of a lease in etcd; every instance routes by the record there.
+    Etcd,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ReplicaFallback {
@@ -213,6 +223,13 @@ pub struct ClusterConfig {
     /// Lower replicas' `wal_receiver_timeout` (ALTER SYSTEM) to two thirds of
     /// `failover_timeout` when it is longer, so a live primary is heard from in time.
     pub tune_wal_receiver_timeout: bool,
+    pub coordinator: Coordinator,
+    /// etcd client URLs (`coordinator = "etcd"`).
+    pub etcd_endpoints: Vec<String>,
+    /// Key prefix of this cluster's records in etcd.
+    pub etcd_prefix: String,
+    /// TTL of the leader lease: a leader that stops renewing it loses the role after this.
+    pub etcd_lease_ttl: Dur,
 }
 
 impl Default for ClusterConfig {
@@ -240,6 +257,10 @@ impl Default for ClusterConfig {
             promote_timeout: Dur::secs(60),
             switchover_timeout: Dur::secs(30),
             tune_wal_receiver_timeout: true,
+            coordinator: Coordinator::None,
+            etcd_endpoints: vec!["http://127.0.0.1:2379".into()],
+            etcd_prefix: "/pgpilot/default".into(),
+            etcd_lease_ttl: Dur::secs(5),
         }
     }
 }
@@ -369,6 +390,20 @@ impl Config {
             return bad(
                 "cluster.probe_timeout must be shorter than cluster.failover_timeout".into(),
             );
+        }
+        if c.coordinator == Coordinator::Etcd {
+            if !cfg!(feature = "etcd") {
+                return bad(
+                    "cluster.coordinator = \"etcd\" needs pgpilot built with the `etcd` feature"
+                        .into(),
+                );
+            }
+            if c.etcd_endpoints.is_empty() {
+                return bad("cluster.etcd_endpoints is empty".into());
+            }
+            if c.etcd_lease_ttl.0 < Duration::from_secs(2) {
+                return bad("cluster.etcd_lease_ttl must be at least 2s".into());
+            }
         }
         if c.probe_interval.0.is_zero() {
             return bad("cluster.probe_interval must be positive".into());

@@ -101,3 +101,20 @@ fn masked_output_hides_passwords_and_parses_back() {
     assert!(out.contains("probe_interval = \"500ms\""), "{out}");
     Config::from_toml(&out).unwrap();
 }
+
+#[test]
+fn failover_settings_are_checked() {
+    let err = Config::from_toml(&format!(
+        "{MINIMAL}[cluster]\nprobe_timeout = \"3s\"\nfailover_timeout = \"3s\"\n"
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("probe_timeout"), "{err}");
+    let etcd = format!("{MINIMAL}[cluster]\ncoordinator = \"etcd\"\netcd_lease_ttl = \"1s\"\n");
+    let err = Config::from_toml(&etcd).unwrap_err().to_string();
+    if cfg!(feature = "etcd") {
+        assert!(err.contains("etcd_lease_ttl"), "{err}");
+    } else {
+        assert!(err.contains("`etcd` feature"), "{err}");
+    }
+}

@@ -65,9 +65,39 @@ pub struct Failover {
     sync_applied: Mutex<Option<(String, String)>>,
     /// Serialises those writes, in the order they were claimed.
     sync_writer: tokio::sync::Mutex<()>,
+    /// With a coordinator: whether this instance holds the leader lease, and who does.
+    follower: std::sync::atomic::AtomicBool,
+    leader: Mutex<Option<String>>,
 }
 
 impl Failover {
+    /// Whether this instance decides failover: always without a coordinator, only while it
+    /// holds the leader lease with one.
+    pub fn may_decide(&self) -> bool {
+        !self.follower.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Set by the coordinator: `leading`, and the current leader's identity.
+    pub fn set_leader(&self, leading: bool, leader: Option<String>) {
+        let was = self.may_decide();
+        self.follower
+            .store(!leading, std::sync::atomic::Ordering::Release);
+        *self.leader.lock() = leader;
+        if was != leading {
+            let what = if leading {
+                "this instance now leads failover (coordinator lease held)"
+            } else {
+                "this instance follows the coordinator's leader"
+            };
+            self.event("coordinator", what);
+        }
+    }
+
+    /// The coordinator leader's identity, when known.
+    pub fn leader(&self) -> Option<String> {
+        self.leader.lock().clone()
+    }
+
     pub fn history(&self) -> Vec<Record> {
         self.history.lock().clone()
     }
@@ -76,7 +106,7 @@ impl Failover {
         self.events.lock().iter().cloned().collect()
     }
 
-    fn event(&self, node: &str, what: impl Into<String>) {
+    pub(crate) fn event(&self, node: &str, what: impl Into<String>) {
         let what = what.into();
         info!(node, "{what}");
         let mut events = self.events.lock();
@@ -144,7 +174,12 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
         }
         let view = shared.cluster.view();
         let cfg = shared.config().cluster.clone();
-        handle_fences(&shared, &view, &cfg, &mut d);
+        let decides = shared.failover.may_decide();
+        handle_fences(&shared, &view, &cfg, &mut d, decides);
+        if !decides {
+            // Another instance holds the coordinator lease: it acts, this one follows.
+            continue;
+        }
         tune_receivers(&shared, &view, &cfg, &mut d);
         if cfg.synchronous {
             keep_synchronous_names(&shared, &view, &cfg);
@@ -205,7 +240,13 @@ fn log_verdict(shared: &Shared, view: &ClusterView, verdict: &Verdict) {
 
 /// Closes every server connection to newly fenced nodes, notes unfencing, and runs
 /// `rejoin_command` on fenced nodes that are up and still claim the primary role.
-fn handle_fences(shared: &Arc<Shared>, view: &ClusterView, cfg: &ClusterConfig, d: &mut Driver) {
+fn handle_fences(
+    shared: &Arc<Shared>,
+    view: &ClusterView,
+    cfg: &ClusterConfig,
+    d: &mut Driver,
+    decides: bool,
+) {
     for (i, n) in view.nodes.iter().enumerate() {
         if n.fenced.is_none() {
             if d.fenced.remove(&i) {
@@ -222,7 +263,7 @@ fn handle_fences(shared: &Arc<Shared>, view: &ClusterView, cfg: &ClusterConfig, 
                 format!("fenced: no routing, {closed} server connections closed"),
             );
         }
-        let Some(cmd) = &cfg.rejoin_command else {
+        let Some(cmd) = cfg.rejoin_command.as_ref().filter(|_| decides) else {
             continue;
         };
         // Only once another node is the primary to follow (not mid-switchover).
@@ -458,6 +499,18 @@ pub enum SwitchoverError {
     NoCandidate(String),
     #[error("{0}")]
     Failed(String),
+    #[error("this instance does not hold the coordinator lease; the leader is {0}")]
+    NotLeader(String),
+}
+
+fn check_leader(shared: &Shared) -> Result<(), SwitchoverError> {
+    if shared.failover.may_decide() {
+        Ok(())
+    } else {
+        Err(SwitchoverError::NotLeader(
+            shared.failover.leader().unwrap_or_else(|| "unknown".into()),
+        ))
+    }
 }
 
 /// Planned switchover to `target` (or the best replica): new writes wait, in-flight ones
@@ -468,6 +521,7 @@ pub async fn switchover(
     shared: &Arc<Shared>,
     target: Option<&str>,
 ) -> Result<Record, SwitchoverError> {
+    check_leader(shared)?;
     let _guard = shared.failover.running.lock().await;
     let cfg = shared.config().cluster.clone();
     let started = Instant::now();
@@ -556,6 +610,7 @@ pub async fn switchover(
 
 /// Promotes `name` on an operator's word, skipping the health verdict and lag limits.
 pub async fn promote(shared: &Arc<Shared>, name: &str) -> Result<Record, SwitchoverError> {
+    check_leader(shared)?;
     let _guard = shared.failover.running.lock().await;
     let started = Instant::now();
     let view = shared.cluster.view();
