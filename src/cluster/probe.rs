@@ -89,6 +89,9 @@ pub fn failure_kind(e: &tokio_postgres::Error) -> FailureKind {
                 ConnectionRefused | ConnectionReset | ConnectionAborted | BrokenPipe
                 | UnexpectedEof | NotConnected => FailureKind::Crash,
                 TimedOut => FailureKind::Timeout,
+                // The node's name no longer resolves: its container or host is gone (the
+                // split-brain guard still asks the replicas before anything is promoted).
+                _ if io.to_string().contains("failed to lookup address") => FailureKind::Crash,
                 _ => FailureKind::Other,
             };
         }
