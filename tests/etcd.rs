@@ -92,11 +92,7 @@ async fn three_instances_agree_and_promote_once() {
     .await;
     common::wait_failover_ready(&shareds[0]).await;
 
-    let k = c.clone();
-    tokio::task::spawn_blocking(move || k.stop_node(0, "immediate"))
-        .await
-        .unwrap()
-        .unwrap();
+    common::crash_node(&c, 0).await;
     eventually(
         Duration::from_secs(30),
         "pg2 primary for every instance",

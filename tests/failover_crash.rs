@@ -19,21 +19,12 @@ async fn a_crashed_primary_is_replaced_without_losing_writes_or_clients() {
     c.psql(0, "app", LEDGER).unwrap();
     let proxy = start_proxy(config(&c, |cfg| cfg.cluster.synchronous = true)).await;
     let shared = proxy.shared.clone();
-    let cc = c.clone();
-    eventually(
+    common::node_eventually(
+        &c,
+        0,
+        "SHOW synchronous_standby_names",
         Duration::from_secs(20),
-        "synchronous_standby_names on pg1",
-        || {
-            let c = cc.clone();
-            async move {
-                tokio::task::spawn_blocking(move || {
-                    c.psql(0, "postgres", "SHOW synchronous_standby_names")
-                })
-                .await
-                .unwrap()
-                .is_ok_and(|v| v == "ANY 1 (\"pg2\", \"pg3\")")
-            }
-        },
+        |v| v == "ANY 1 (\"pg2\", \"pg3\")",
     )
     .await;
     let idle = proxy.connect().await;
@@ -45,11 +36,7 @@ async fn a_crashed_primary_is_replaced_without_losing_writes_or_clients() {
     })
     .await;
 
-    let k = c.clone();
-    tokio::task::spawn_blocking(move || k.stop_node(0, "immediate"))
-        .await
-        .unwrap()
-        .unwrap();
+    common::crash_node(&c, 0).await;
     let killed = Instant::now();
     eventually(Duration::from_secs(15), "writes on pg2", || {
         let n = load.served_by(pg2);
@@ -91,22 +78,13 @@ async fn a_crashed_primary_is_replaced_without_losing_writes_or_clients() {
         .get(0);
     assert_eq!(port as u16, pg2);
     // pg3 follows pg2, and pg2 waits for it to acknowledge commits.
-    let cc = c.clone();
-    eventually(Duration::from_secs(20), "pg3 streaming from pg2", || {
-        let c = cc.clone();
-        async move {
-            tokio::task::spawn_blocking(move || {
-                c.psql(
-                    1,
-                    "postgres",
-                    "SELECT application_name || ':' || sync_state FROM pg_stat_replication",
-                )
-            })
-            .await
-            .unwrap()
-            .is_ok_and(|v| v.lines().any(|l| l == "pg3:quorum"))
-        }
-    })
+    common::node_eventually(
+        &c,
+        1,
+        "SELECT application_name || ':' || sync_state FROM pg_stat_replication",
+        Duration::from_secs(20),
+        |v| v.lines().any(|l| l == "pg3:quorum"),
+    )
     .await;
 
     // The old primary comes back as it was: fenced, then rejoined as pg2's replica.
@@ -135,18 +113,13 @@ async fn a_crashed_primary_is_replaced_without_losing_writes_or_clients() {
         "{events:#?}"
     );
     // Rewound: it holds the writes acknowledged by pg2, including the idle client's.
-    let cc = c.clone();
-    eventually(Duration::from_secs(20), "pg1 replayed pg2's writes", || {
-        let c = cc.clone();
-        async move {
-            tokio::task::spawn_blocking(move || {
-                c.psql(0, "app", "SELECT count(*) FROM ledger WHERE writer = 99")
-            })
-            .await
-            .unwrap()
-            .is_ok_and(|v| v == "1")
-        }
-    })
+    common::node_eventually(
+        &c,
+        0,
+        "SELECT count(*) FROM ledger WHERE writer = 99",
+        Duration::from_secs(20),
+        |v| v == "1",
+    )
     .await;
     proxy.shutdown().await;
 }

@@ -28,11 +28,7 @@ async fn writes_follow_an_external_promotion_on_the_same_connections() {
     // Replication is asynchronous here: make sure pg2 has the row before the crash.
     c.wait_replayed(Duration::from_secs(10)).unwrap();
 
-    let k = c.clone();
-    tokio::task::spawn_blocking(move || k.stop_node(0, "immediate"))
-        .await
-        .unwrap()
-        .unwrap();
+    common::crash_node(&c, 0).await;
     let killed = Instant::now();
     let p = c.clone();
     let promote = tokio::task::spawn_blocking(move || {

@@ -298,3 +298,12 @@ pub async fn admin_query(
     }
     Ok((columns, rows))
 }
+
+/// Crashes node `i` (`pg_ctl stop -m immediate`) without blocking the runtime.
+pub async fn crash_node(c: &std::sync::Arc<DevCluster>, i: usize) {
+    let c = c.clone();
+    tokio::task::spawn_blocking(move || c.stop_node(i, "immediate"))
+        .await
+        .expect("stop task")
+        .unwrap_or_else(|e| panic!("crash node {i}: {e}"));
+}
