@@ -61,6 +61,8 @@ pub struct Shared {
     pub stats: crate::stats::Stats,
     /// Cancelled by the admin console's SHUTDOWN: the proxy shuts down gracefully.
     pub stop: CancellationToken,
+    /// SHUTDOWN WAIT_FOR_CLIENTS: no new connections, then wait until every client left.
+    pub wait_for_clients: std::sync::atomic::AtomicBool,
     /// Failover history and the lock that serialises promotions.
     pub failover: crate::failover::Failover,
 }
@@ -139,6 +141,7 @@ impl Proxy {
             shutdown: CancellationToken::new(),
             failover: crate::failover::Failover::default(),
             stop: CancellationToken::new(),
+            wait_for_clients: Default::default(),
             stats: crate::stats::Stats::default(),
             sessions: Default::default(),
             gate: Default::default(),
@@ -227,6 +230,17 @@ impl Proxy {
             }
         }
         drop(listener);
+        if shared
+            .wait_for_clients
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            info!(
+                "SHUTDOWN WAIT_FOR_CLIENTS: no new connections, waiting for every client to leave"
+            );
+            while shared.clients.load(std::sync::atomic::Ordering::Acquire) > 0 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
         info!("shutting down: no new connections, waiting for sessions to finish");
         shared.shutdown.cancel();
         tracker.close();

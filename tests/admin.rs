@@ -285,3 +285,31 @@ async fn pause_resume_disable_and_kill_a_client() {
     assert_eq!(err.code().map(|c| c.code()), Some("42704"));
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_wait_for_clients_lets_connected_clients_finish() {
+    let c = cluster();
+    let proxy = start_proxy(config(c, with_admin_users)).await;
+    let app = proxy.connect().await;
+    let admin = admin_client(&proxy, "admin").await;
+    admin_query(&admin, "SHUTDOWN WAIT_FOR_CLIENTS")
+        .await
+        .unwrap();
+    drop(admin);
+    let addr = proxy.addr;
+    eventually(
+        Duration::from_secs(10),
+        "the listener to close",
+        || async move { tokio::net::TcpStream::connect(addr).await.is_err() },
+    )
+    .await;
+    // The connected client keeps working until it leaves.
+    let rows = app.simple_query("SELECT 1").await.expect("still served");
+    assert!(!rows.is_empty());
+    assert!(!proxy.task.is_finished());
+    drop(app);
+    tokio::time::timeout(Duration::from_secs(10), proxy.task)
+        .await
+        .expect("the proxy stops once the last client left")
+        .unwrap();
+}

@@ -9,7 +9,8 @@ pub enum Command {
     Promote(String),
     Fence(String),
     Unfence(String),
-    Shutdown,
+    /// `SHUTDOWN`, or `SHUTDOWN WAIT_FOR_CLIENTS` (`true`): wait for clients to leave.
+    Shutdown(bool),
     Pause(Option<String>),
     Resume(Option<String>),
     Reconnect(Option<String>),
@@ -58,7 +59,10 @@ pub fn parse(query: &str) -> Result<Command, ParseError> {
         "PROMOTE" => one_arg("PROMOTE").map(Command::Promote),
         "FENCE" => one_arg("FENCE").map(Command::Fence),
         "UNFENCE" => one_arg("UNFENCE").map(Command::Unfence),
-        "SHUTDOWN" if words.len() == 1 => Ok(Command::Shutdown),
+        "SHUTDOWN" if words.len() == 1 => Ok(Command::Shutdown(false)),
+        "SHUTDOWN" if words.len() == 2 && words[1].eq_ignore_ascii_case("WAIT_FOR_CLIENTS") => {
+            Ok(Command::Shutdown(true))
+        }
         "PAUSE" if words.len() <= 2 => Ok(Command::Pause(arg(1))),
         "RESUME" if words.len() <= 2 => Ok(Command::Resume(arg(1))),
         "RECONNECT" if words.len() <= 2 => Ok(Command::Reconnect(arg(1))),
@@ -107,6 +111,10 @@ mod tests {
         assert!(parse("SHOW").is_err());
         assert!(parse("DROP TABLE x").is_err());
         assert!(!parse("SHUTDOWN").unwrap().read_only());
+        assert_eq!(
+            parse("shutdown wait_for_clients"),
+            Ok(Command::Shutdown(true))
+        );
         assert!(parse("SHOW NODES").unwrap().read_only());
     }
 }

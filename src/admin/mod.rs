@@ -231,7 +231,12 @@ async fn run(shared: &Arc<Shared>, access: Access, sql: &str, out: &mut BytesMut
             }
             Err(e) => error(out, sqlstate::CONFIG_FILE_ERROR, &e),
         },
-        Command::Shutdown => {
+        Command::Shutdown(wait_for_clients) => {
+            if wait_for_clients {
+                shared
+                    .wait_for_clients
+                    .store(true, std::sync::atomic::Ordering::Release);
+            }
             shared.stop.cancel();
             backend::command_complete(out, "SHUTDOWN");
         }

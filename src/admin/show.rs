@@ -17,7 +17,7 @@ PAUSE [db], RESUME [db], RECONNECT [db], DISABLE db, ENABLE db, KILL [db], KILL_
 SWITCHOVER [node]   planned switchover to node (or the best replica)
 PROMOTE node        promote node now (forced: no health verdict, no lag limit)
 FENCE node          never route to node; UNFENCE node lifts an operator's fence
-SHUTDOWN            graceful shutdown of pgpilot";
+SHUTDOWN [WAIT_FOR_CLIENTS]  graceful shutdown of pgpilot";
 
 /// The table for `SHOW what`, or `None` for an unknown one.
 pub fn show(shared: &Shared, what: &str) -> Option<Table> {
