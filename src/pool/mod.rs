@@ -139,7 +139,21 @@ impl Pool {
 
     /// Opens a server connection and lists it in `SHOW SERVERS`.
     async fn connect(&self) -> Result<ServerConn, ServerError> {
-        let mut conn = ServerConn::connect(&self.connect).await?;
+        // A connect to a node that gets fenced meanwhile (a dead container's address may not
+        // even answer with a reset) gives up at once instead of at server_connect_timeout.
+        let abort = self.abort_token();
+        let mut conn = tokio::select! {
+            c = ServerConn::connect(&self.connect) => c?,
+            _ = abort.cancelled() => {
+                return Err(ServerError::Connect {
+                    addr: self.connect.addr(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::ConnectionAborted,
+                        "the node was fenced",
+                    ),
+                });
+            }
+        };
         self.opened.fetch_add(1, Ordering::Relaxed);
         let entry = |_| ServerEntry {
             node: self.key.node.to_string(),
