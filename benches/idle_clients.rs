@@ -1,5 +1,6 @@
 //! Memory of idle clients: starts a devcluster and the pgpilot binary as its own process,
-//! opens N client connections through it (real startup + SCRAM), and reports the proxy's RSS.
+//! opens N client connections through it (real startup + SCRAM), and reports the proxy's RSS
+//! and how long one `/metrics` scrape takes with that many clients connected.
 //!   cargo bench --bench idle_clients -- 1000 10000
 //! Loopback only. Needs `ulimit -n` above the largest N plus a margin.
 
@@ -33,7 +34,9 @@ fn main() {
     let cluster = DevCluster::start(DevClusterOptions::default()).expect("devcluster");
     pgpilot::demo::load_sample_data(&cluster).expect("sample data");
     let port = free_port().expect("port");
-    let config = pgpilot::demo::config_for(&cluster, port).expect("config");
+    let mut config = pgpilot::demo::config_for(&cluster, port).expect("config");
+    let metrics_port = free_port().expect("port");
+    config.metrics.listen = Some(([127, 0, 0, 1], metrics_port).into());
     let dir = std::env::temp_dir().join(format!("pgpilot-idle-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let file = dir.join("pgpilot.toml");
@@ -68,7 +71,10 @@ fn main() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let base = rss_kib(pid);
         println!("machine: {} cores; pgpilot RSS with 0 clients: {:.1} MiB", num_cpus(), base as f64 / 1024.0);
-        println!("{:>8} {:>12} {:>14} {:>10}", "clients", "RSS MiB", "per client KiB", "connect s");
+        println!(
+            "{:>8} {:>12} {:>14} {:>10} {:>12}",
+            "clients", "RSS MiB", "per client KiB", "connect s", "scrape ms"
+        );
         let mut clients = Vec::new();
         for &n in &counts {
             let started = Instant::now();
@@ -95,12 +101,14 @@ fn main() {
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
             let rss = rss_kib(pid);
+            let scrape = scrape_ms(metrics_port).await;
             println!(
-                "{:>8} {:>12.1} {:>14.1} {:>10.1}",
+                "{:>8} {:>12.1} {:>14.1} {:>10.1} {:>12.2}",
                 n,
                 rss as f64 / 1024.0,
                 (rss.saturating_sub(base)) as f64 / n as f64,
-                took.as_secs_f64()
+                took.as_secs_f64(),
+                scrape
             );
         }
         drop(clients);
@@ -108,6 +116,24 @@ fn main() {
     let _ = proxy.kill();
     let _ = proxy.wait();
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Mean of 20 `GET /metrics` round trips, in milliseconds.
+async fn scrape_ms(port: u16) -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let started = Instant::now();
+    for _ in 0..20 {
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("metrics endpoint");
+        tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\n\r\n")
+            .await
+            .expect("request");
+        let mut body = Vec::new();
+        tcp.read_to_end(&mut body).await.expect("response");
+        assert!(body.starts_with(b"HTTP/1.1 200"), "scrape failed");
+    }
+    started.elapsed().as_secs_f64() * 1000.0 / 20.0
 }
 
 fn num_cpus() -> usize {

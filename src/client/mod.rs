@@ -60,7 +60,10 @@ impl Drop for ClientSlot<'_> {
 
 async fn run(tcp: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) -> Result<(), ClientError> {
     let local = tcp.local_addr().ok();
-    let Some((stream, params, leftover)) = startup::negotiate(tcp, shared).await? else {
+    // The one-time phases (TLS handshake, authentication, opening server connections) are
+    // boxed: their futures are large, and inline they would set the size of every client's
+    // task for its whole life, idle or not.
+    let Some((stream, params, leftover)) = Box::pin(startup::negotiate(tcp, shared)).await? else {
         return Ok(());
     };
     let conn = Conn {
@@ -107,7 +110,7 @@ where
     let _slot = ClientSlot(shared);
     let user = params.user().unwrap_or_default();
     let database = params.database().unwrap_or_default();
-    shared.credentials().authenticate(reader, wr, user).await?;
+    Box::pin(shared.credentials().authenticate(reader, wr, user)).await?;
     let mut out = BytesMut::new();
     backend::authentication_ok(&mut out);
     wr.write_all(&out)
@@ -131,7 +134,9 @@ where
     });
     let client = registered.entry.clone();
     if is_admin_database(database) {
-        return crate::admin::serve(reader, wr, shared, user).await;
+        // Boxed: the console's future (switchover, reload, monitor connections) is large, and
+        // unboxed it would set the size of every client's task.
+        return Box::pin(crate::admin::serve(reader, wr, shared, user)).await;
     }
     let db = config
         .database(database)
@@ -155,7 +160,7 @@ where
     let kill = client.kill.clone();
     match config.proxy.pool_mode {
         PoolMode::Session => tokio::select! {
-            r = session_mode(reader, wr, shared, &config, db, user, &startup) => r,
+            r = Box::pin(session_mode(reader, wr, shared, &config, db, user, &startup)) => r,
             _ = kill.cancelled() => Err(ClientError::Shutdown),
         },
         PoolMode::Transaction => {
@@ -246,14 +251,14 @@ where
     let target = session_target(db);
     // Any healthy node can describe the session: when the preferred kind is down, take the
     // other.
-    let mut pooled = match checkout(shared, config, target, &db.name, user).await {
+    let mut pooled = match Box::pin(checkout(shared, config, target, &db.name, user)).await {
         Ok(p) => p,
         Err(e) if e.is_unreachable() || matches!(e, ClientError::NoNode(_)) => {
-            checkout(shared, config, Target::Replica, &db.name, user).await?
+            Box::pin(checkout(shared, config, Target::Replica, &db.name, user)).await?
         }
         Err(e) => return Err(e),
     };
-    apply_settings(&mut pooled, &startup).await?;
+    Box::pin(apply_settings(&mut pooled, &startup)).await?;
     let mut out = BytesMut::new();
     for (k, v) in pooled.conn().params() {
         backend::parameter_status(&mut out, k, v);

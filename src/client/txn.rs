@@ -98,7 +98,9 @@ where
                     None => return Ok(()),
                 },
             };
-            self.serve(unit).await?;
+            // Boxed: serving a request is a large state; an idle client (the usual case)
+            // then holds only the read loop.
+            Box::pin(self.serve(unit)).await?;
         }
     }
 

@@ -122,7 +122,8 @@ impl Pool {
             }
             return Ok(self.lend(conn, permit));
         }
-        let conn = self.connect().await?;
+        // Boxed: opening a connection (TLS, authentication) is a large, rare state.
+        let conn = Box::pin(self.connect()).await?;
         Ok(self.lend(conn, permit))
     }
 
