@@ -99,12 +99,12 @@ pub struct ClientEntry {
 }
 
 impl ClientEntry {
+    /// Called around every checkout: the clock is read once per request, when it starts
+    /// waiting for a server connection (every request does, if only for an instant).
     pub fn set_state(&self, state: u8) {
-        let now = now_ms();
         if state == WAITING {
+            let now = now_ms();
             self.wait_since_ms.store(now, Ordering::Relaxed);
-        }
-        if state != IDLE {
             self.request_ms.store(now, Ordering::Relaxed);
         }
         self.state.store(state, Ordering::Relaxed);

@@ -144,7 +144,7 @@ fn events(shared: &Shared) -> Table {
 }
 
 fn totals_row(db: &str, t: crate::stats::Totals) -> Vec<Option<String>> {
-    [
+    let numbers = [
         t.xact_count,
         t.query_count,
         t.received,
@@ -152,13 +152,10 @@ fn totals_row(db: &str, t: crate::stats::Totals) -> Vec<Option<String>> {
         t.xact_time,
         t.query_time,
         t.wait_time,
-    ]
-    .into_iter()
-    .map(s)
-    .fold(vec![s(db)], |mut row, v| {
-        row.push(v);
-        row
-    })
+    ];
+    std::iter::once(s(db))
+        .chain(numbers.into_iter().map(s))
+        .collect()
 }
 
 /// Totals and averages side by side, as PgBouncer's SHOW STATS.

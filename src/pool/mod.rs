@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use arc_swap::{ArcSwap, ArcSwapOption};
 use parking_lot::Mutex;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -54,7 +55,8 @@ impl PoolSettings {
 pub struct Pool {
     pub key: PoolKey,
     connect: ConnectParams,
-    settings: Mutex<PoolSettings>,
+    /// Replaced by a reload; read lock-free on every checkout.
+    settings: ArcSwap<PoolSettings>,
     /// Permits still to take away after a reload made the pool smaller.
     shrink: AtomicUsize,
     permits: Arc<Semaphore>,
@@ -67,7 +69,7 @@ pub struct Pool {
     waiting: AtomicUsize,
     servers: Arc<Registry<ServerEntry>>,
     /// RECONNECT: connections opened before this are closed instead of reused.
-    reconnect_before: Mutex<Option<Instant>>,
+    reconnect_before: ArcSwapOption<Instant>,
     /// Cancelled (and replaced) when the node is fenced: sessions on its connections end.
     abort: Mutex<CancellationToken>,
 }
@@ -83,7 +85,7 @@ impl Pool {
             key,
             connect,
             permits: Arc::new(Semaphore::new(settings.size)),
-            settings: Mutex::new(settings),
+            settings: ArcSwap::from_pointee(settings),
             shrink: AtomicUsize::new(0),
             idle: Mutex::new(Vec::new()),
             opened: AtomicUsize::new(0),
@@ -91,7 +93,7 @@ impl Pool {
             abort: Mutex::new(CancellationToken::new()),
             waiting: AtomicUsize::new(0),
             servers,
-            reconnect_before: Mutex::new(None),
+            reconnect_before: ArcSwapOption::empty(),
         })
     }
 
@@ -256,16 +258,13 @@ impl Pool {
     }
 
     pub fn settings(&self) -> PoolSettings {
-        *self.settings.lock()
+        **self.settings.load()
     }
 
     /// A reload's new size and timeouts: a larger pool grows at once, a smaller one as
     /// connections come back.
     pub fn resize(&self, next: PoolSettings) {
-        let mut settings = self.settings.lock();
-        let old = settings.size;
-        *settings = next;
-        drop(settings);
+        let old = self.settings.swap(Arc::new(next)).size;
         if next.size > old {
             let mut grow = next.size - old;
             // Cancel a pending shrink first.
@@ -283,7 +282,7 @@ impl Pool {
 
     /// RECONNECT: closes idle connections now and every lent one when it comes back.
     pub fn reconnect(&self) {
-        *self.reconnect_before.lock() = Some(Instant::now());
+        self.reconnect_before.store(Some(Arc::new(Instant::now())));
         let idle = std::mem::take(&mut *self.idle.lock());
         self.closed.fetch_add(idle.len(), Ordering::Relaxed);
     }
@@ -291,8 +290,9 @@ impl Pool {
     fn check_in(&self, mut conn: ServerConn) {
         if self
             .reconnect_before
-            .lock()
-            .is_some_and(|cutoff| conn.created <= cutoff)
+            .load()
+            .as_deref()
+            .is_some_and(|cutoff| conn.created <= *cutoff)
         {
             self.closed.fetch_add(1, Ordering::Relaxed);
             return;
