@@ -244,6 +244,15 @@ pub fn render(shared: &Shared) -> String {
             o.sample(name, &[("database", db)], get(&st.totals()));
         }
     }
+    let name = "pgpilot_pipelined_queries_total";
+    o.family(
+        name,
+        "counter",
+        "Requests served on a server connection shared with other clients (pipeline_depth).",
+    );
+    for (db, st) in &dbs {
+        o.sample(name, &[("database", db)], st.pipelined_count() as f64);
+    }
     let histograms: [(&str, &str, HistogramOf); 3] = [
         (
             "pgpilot_query_duration_seconds",

@@ -72,6 +72,8 @@ pub struct DbStats {
     xact_time_us: AtomicU64,
     query_time_us: AtomicU64,
     wait_time_us: AtomicU64,
+    /// Requests sent on a shared, pipelined server connection.
+    pipelined: AtomicU64,
     pub query_duration: Histogram,
     pub xact_duration: Histogram,
     pub wait_duration: Histogram,
@@ -96,6 +98,14 @@ impl DbStats {
         self.wait_time_us
             .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
         self.wait_duration.observe(took);
+    }
+
+    pub fn pipelined(&self) {
+        self.pipelined.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn pipelined_count(&self) -> u64 {
+        self.pipelined.load(Ordering::Relaxed)
     }
 
     pub fn received(&self, bytes: usize) {

@@ -95,11 +95,14 @@ async fn three_instances_agree_and_promote_once() {
     common::crash_node(&c, 0).await;
     eventually(
         Duration::from_secs(30),
-        "pg2 primary for every instance",
+        "pg2 primary for every instance, and the failover recorded",
         || {
-            let ok = shareds
-                .iter()
-                .all(|s| s.cluster.view().primary().is_some_and(|p| p.name == "pg2"));
+            // The record is written once the replicas are repointed, after pg2 is published.
+            let recorded = shareds.iter().any(|s| !s.failover.history().is_empty());
+            let ok = recorded
+                && shareds
+                    .iter()
+                    .all(|s| s.cluster.view().primary().is_some_and(|p| p.name == "pg2"));
             async move { ok }
         },
     )

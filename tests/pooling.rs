@@ -278,3 +278,61 @@ async fn a_set_prepared_once_and_executed_by_name_is_tracked() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_statement_name_reused_after_close_never_runs_the_old_text() {
+    // The ordinary path, steered over two connections with a second client holding one.
+    let proxy = start_proxy(config(cluster(), |c| {
+        c.proxy.pool_size = 2;
+        c.proxy.pipeline_depth = 0;
+        c.databases[0].routing = Routing::Primary;
+    }))
+    .await;
+    use postgres_protocol::message::frontend;
+    let mut a = Raw::login(proxy.port(), DEMO_USER, DEMO_PASSWORD, DEMO_DATABASE).await;
+    let b = proxy.connect().await;
+    let mut out = bytes::BytesMut::new();
+    let mut request = |build: &dyn Fn(&mut bytes::BytesMut)| {
+        out.clear();
+        build(&mut out);
+        frontend::sync(&mut out);
+        out.clone()
+    };
+    let parse = |sql: &'static str| {
+        move |o: &mut bytes::BytesMut| frontend::parse("s1", sql, Vec::<u32>::new(), o).unwrap()
+    };
+    let run = |o: &mut bytes::BytesMut| {
+        o.extend_from_slice(&[b'B', 0, 0, 0, 14, 0, b's', b'1', 0, 0, 0, 0, 0, 0, 0]);
+        o.extend_from_slice(&[b'E', 0, 0, 0, 9, 0, 0, 0, 0, 0]);
+    };
+    let value = |msgs: &[common::raw::Msg]| {
+        msgs.iter()
+            .find(|m| m.tag == b'D')
+            .map(|m| String::from_utf8_lossy(&m.body[6..]).into_owned())
+    };
+    a.send(&request(&parse("SELECT 1"))).await;
+    a.until_ready().await;
+    // Every connection A uses gets s1 = SELECT 1.
+    for _ in 0..2 {
+        b.batch_execute("BEGIN").await.unwrap();
+        a.send(&request(&run)).await;
+        assert_eq!(value(&a.until_ready().await).as_deref(), Some("1"));
+        b.batch_execute("COMMIT").await.unwrap();
+        a.send(&request(&run)).await;
+        assert_eq!(value(&a.until_ready().await).as_deref(), Some("1"));
+    }
+    a.send(&request(&|o| frontend::close(b'S', "s1", o).unwrap()))
+        .await;
+    a.until_ready().await;
+    a.send(&request(&parse("SELECT 2"))).await;
+    a.until_ready().await;
+    // Wherever it runs now, s1 is the new text.
+    for _ in 0..2 {
+        b.batch_execute("BEGIN").await.unwrap();
+        a.send(&request(&run)).await;
+        assert_eq!(value(&a.until_ready().await).as_deref(), Some("2"));
+        b.batch_execute("COMMIT").await.unwrap();
+        a.send(&request(&run)).await;
+        assert_eq!(value(&a.until_ready().await).as_deref(), Some("2"));
+    }
+}

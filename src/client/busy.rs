@@ -365,7 +365,7 @@ impl Drive<'_> {
                 backend::ERROR_RESPONSE | backend::NOTICE_RESPONSE
             ) {
                 let fields = ErrorFields::parse(&frame).map_err(|e| Gone::Server(e.to_string()))?;
-                if is_goodbye(frame.tag, &fields) {
+                if fields.is_goodbye(frame.tag) {
                     self.deliver(txn, &batch, answered, touched).await?;
                     return Err(Gone::Server(fields.message));
                 }
@@ -541,17 +541,6 @@ impl Drive<'_> {
             },
             Disposal::Close,
         )
-    }
-}
-
-/// The backend is going away, not just failing a request: FATAL or PANIC errors, and the
-/// WARNING notices PostgreSQL 14+ sends before an immediate shutdown or crash restart
-/// (`57P01` admin shutdown, `57P02` crash shutdown).
-fn is_goodbye(tag: u8, fields: &ErrorFields) -> bool {
-    if tag == backend::ERROR_RESPONSE {
-        matches!(fields.severity.as_str(), "FATAL" | "PANIC")
-    } else {
-        matches!(fields.code.as_str(), "57P01" | "57P02")
     }
 }
 

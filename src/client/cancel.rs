@@ -8,11 +8,28 @@ use parking_lot::Mutex;
 
 use crate::protocol::startup::BackendKey;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CancelTarget {
-    pub host: String,
-    pub port: u16,
-    pub key: BackendKey,
+/// Where a client's cancel request must go.
+#[derive(Clone)]
+pub enum CancelTarget {
+    /// The server connection the client has borrowed.
+    Server {
+        host: String,
+        port: u16,
+        key: BackendKey,
+    },
+    /// A request on a pipelined lane: the cancel may only reach the server while that request
+    /// is the one running; before that, the lane sends it when the request gets there.
+    Lane(crate::pool::Ticket),
+}
+
+impl CancelTarget {
+    /// Where to send the cancel request now, if anywhere.
+    pub fn resolve(&self) -> Option<(String, u16, BackendKey)> {
+        match self {
+            CancelTarget::Server { host, port, key } => Some((host.clone(), *port, *key)),
+            CancelTarget::Lane(t) => t.lane.cancel(t.id),
+        }
+    }
 }
 
 /// The server a client is using right now; the client task updates it as it borrows and

@@ -4,6 +4,7 @@
 mod busy;
 pub mod cancel;
 mod error;
+mod pipelined;
 pub mod prepared;
 mod relay;
 pub mod settings;
@@ -199,7 +200,7 @@ where
         .await
         .map_err(crate::protocol::ProtocolError::Io)?;
     let slot = shared.cancels.register(key);
-    *slot.lock() = Some(CancelTarget {
+    *slot.lock() = Some(CancelTarget::Server {
         host: conn.host.clone(),
         port: conn.port,
         key,

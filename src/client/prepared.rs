@@ -5,7 +5,6 @@
 //! statement is re-sent the same way when the client's last unnamed Parse ran elsewhere.
 
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 
 use bytes::{BufMut, BytesMut};
@@ -86,6 +85,19 @@ impl ClientStatements {
         self.unnamed = None;
     }
 
+    /// Records the client's latest unnamed Parse (sent through the rewriter, or past it on a
+    /// pipelined lane), so a later Bind of the unnamed statement finds it.
+    pub fn set_unnamed(&mut self, frame: &Frame, parsed: Parsed) {
+        self.seq += 1;
+        let stmt = Statement {
+            server_name: String::new(),
+            parse: BytesMut::from(frame.raw()),
+            class: parsed.class,
+            changes: parsed.changes,
+        };
+        self.unnamed = Some((self.seq, Arc::new(stmt)));
+    }
+
     pub fn remove(&mut self, name: &str) {
         self.named.remove(name);
     }
@@ -98,13 +110,12 @@ impl ClientStatements {
         self.named.is_empty()
     }
 
-    fn server_name(&self, name: &str) -> String {
-        // A fixed-key hasher: the same client name always maps to the same server name.
-        let mut h =
-            std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
-                .build_hasher();
-        h.write(name.as_bytes());
-        format!("pgp{:x}_{:x}", self.client_id, h.finish())
+    /// A server-side name for a new Parse. Never reused: a name the client closes and
+    /// prepares again with other text must not find the old statement on a connection that
+    /// still holds it.
+    fn server_name(&mut self) -> String {
+        self.seq += 1;
+        format!("pgp{:x}_{:x}", self.client_id, self.seq)
     }
 }
 
@@ -155,6 +166,12 @@ impl ServerStatements {
 
     pub fn is_empty(&self) -> bool {
         self.names.is_empty()
+    }
+
+    /// The connection's unnamed statement is no longer any client's (it is now someone's whose
+    /// statement the proxy does not track).
+    pub fn forget_unnamed(&mut self) {
+        self.unnamed_owner = None;
     }
 
     /// Forgets everything (after `DISCARD ALL` / `DEALLOCATE ALL` ran on the server).
@@ -251,6 +268,45 @@ pub fn bind_statement(frame: &Frame) -> Result<&str, ProtocolError> {
     bind_view(frame).map(|(_, s, _)| s)
 }
 
+/// A complete extended request that needs nothing from the server's state: Parse of the
+/// unnamed statement, Bind of it to the unnamed portal, an optional Describe of either, Execute
+/// of that portal, Sync.
+pub fn is_self_contained(frames: &[Frame]) -> bool {
+    matches!(frames.split_first(), Some((parse, rest))
+        if parse.tag == frontend::PARSE
+            && parse_query(parse).is_ok_and(|(name, _)| name.is_empty())
+            && runs_unnamed_portal(rest) == Some(""))
+}
+
+/// An execution of one of the client's named statements through the unnamed portal: Bind,
+/// an optional Describe of that portal or statement, Execute, Sync.
+pub fn executes_named(frames: &[Frame], client: &ClientStatements) -> bool {
+    runs_unnamed_portal(frames).is_some_and(|s| !s.is_empty() && client.named.contains_key(s))
+}
+
+/// Bind to the unnamed portal, an optional Describe of that portal or of the bound statement,
+/// Execute of the portal, Sync: the bound statement's name.
+fn runs_unnamed_portal(frames: &[Frame]) -> Option<&str> {
+    let (bind, rest) = frames.split_first()?;
+    if bind.tag != frontend::BIND {
+        return None;
+    }
+    let (portal, statement, _) = bind_view(bind).ok()?;
+    let describe = |f: &Frame| {
+        f.tag == frontend::DESCRIBE
+            && target_view(f)
+                .is_ok_and(|(k, n)| (k == b'P' && n.is_empty()) || (k == b'S' && n == statement))
+    };
+    let execute = |f: &Frame| f.tag == frontend::EXECUTE && f.body().first() == Some(&0);
+    let sync = |f: &Frame| f.tag == frontend::SYNC;
+    let shape = match rest {
+        [e, s] => execute(e) && sync(s),
+        [d, e, s] => describe(d) && execute(e) && sync(s),
+        _ => false,
+    };
+    (portal.is_empty() && shape).then_some(statement)
+}
+
 /// Describe/Close target when it is a statement.
 pub fn statement_target(frame: &Frame) -> Result<Option<&str>, ProtocolError> {
     target_view(frame).map(|(k, n)| (k == b'S').then_some(n))
@@ -289,14 +345,7 @@ impl Rewriter<'_> {
                     }
                 };
                 if p.name.is_empty() {
-                    self.client.seq += 1;
-                    let stmt = Statement {
-                        server_name: String::new(),
-                        parse: BytesMut::from(frame.raw()),
-                        class,
-                        changes,
-                    };
-                    self.client.unnamed = Some((self.client.seq, Arc::new(stmt)));
+                    self.client.set_unnamed(frame, Parsed { class, changes });
                     self.server.unnamed_owner = Some((self.client.client_id, self.client.seq));
                     out.extend_from_slice(frame.raw());
                     self.expect.push_back(Expect::Parse {
@@ -305,18 +354,9 @@ impl Rewriter<'_> {
                     });
                     return Ok(());
                 }
-                let server_name = self.client.server_name(p.name);
+                let server_name = self.client.server_name();
                 let mut parse = BytesMut::new();
                 encode_parse(&mut parse, &server_name, p.query, p.rest);
-                if self.server.touch(&server_name) {
-                    // Re-prepared after a Close that ran on another connection.
-                    encode_target(out, frontend::CLOSE, b'S', &server_name);
-                    self.server.remove(&server_name);
-                    self.expect.push_back(Expect::Close {
-                        injected: true,
-                        name: Some(server_name.clone()),
-                    });
-                }
                 self.add_to_server(&server_name, out);
                 out.extend_from_slice(&parse);
                 self.expect.push_back(Expect::Parse {

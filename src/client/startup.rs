@@ -131,14 +131,14 @@ async fn negotiate_on(mut stream: ClientStream, buf: &mut BytesMut, shared: &Arc
 }
 
 async fn forward_cancel(shared: &Shared, key: crate::protocol::startup::BackendKey) {
-    match shared.cancels.lookup(key) {
-        Some(target) => {
-            info!(host = %target.host, port = target.port, "forwarding cancel request");
-            if let Err(e) = crate::server::send_cancel(&target.host, target.port, target.key).await
-            {
+    match shared.cancels.lookup(key).map(|t| t.resolve()) {
+        Some(Some((host, port, key))) => {
+            info!(host = %host, port, "forwarding cancel request");
+            if let Err(e) = crate::server::send_cancel(&host, port, key).await {
                 debug!(error = %e, "cancel request could not be delivered");
             }
         }
+        Some(None) => debug!("cancel request for a pipelined request deferred or answered"),
         None => debug!("cancel request for an unknown key ignored"),
     }
 }

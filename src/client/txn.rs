@@ -119,12 +119,15 @@ where
         let retryable = target == Target::Replica && m.intent.read_only && m.intent.begin.is_none();
         let mut exclude = Vec::new();
         let mut unit = unit;
-        // A primary that refuses connections is waited out: new requests proceed on the next
-        // elected primary within failover_wait_timeout.
         if self.shared.gate.is_paused(self.database) {
             self.client.set_state(crate::registry::WAITING);
             self.shared.gate.wait_resumed(self.database).await;
         }
+        if self.pipelined(&unit, &m, target).await? {
+            return Ok(());
+        }
+        // A primary that refuses connections is waited out: new requests proceed on the next
+        // elected primary within failover_wait_timeout.
         let primary_deadline = Instant::now() + primary_wait(&self.config.cluster);
         loop {
             let (node, on_replica) = match self.choose(target, &exclude).await {
@@ -291,7 +294,7 @@ where
     }
 
     /// The node for `target`: an eligible replica, else the elected primary (waiting for one).
-    async fn choose(
+    pub(super) async fn choose(
         &self,
         target: Target,
         exclude: &[usize],
@@ -312,6 +315,10 @@ where
                 return Err(ClientError::NoNode("replica"));
             }
         }
+        // The usual case: a primary is known (no waiting, nothing cloned).
+        if let Some(i) = self.shared.cluster.view().primary {
+            return Ok((i, false));
+        }
         let primary = self
             .shared
             .cluster
@@ -330,19 +337,7 @@ where
     /// Borrows a connection on `node` and brings its settings in line with this client's.
     async fn checkout(&mut self, node: usize, on_replica: bool) -> Result<Held<'a>, ClientError> {
         let shared: &'a Shared = self.shared;
-        let view = shared.cluster.view();
-        let status = view.nodes.get(node).ok_or(ClientError::NoNode("node"))?;
-        let pool = match self.pools.get(node).and_then(Option::as_ref) {
-            Some(p) => p.clone(),
-            None => {
-                let p =
-                    super::pool_for(self.shared, &self.config, status, self.database, self.user);
-                if let Some(slot) = self.pools.get_mut(node) {
-                    *slot = Some(p.clone());
-                }
-                p
-            }
-        };
+        let pool = self.pool_on(node)?;
         let waited = Instant::now();
         self.client.set_state(crate::registry::WAITING);
         let checked_out = pool.checkout(self.config.proxy.query_wait_timeout.0).await;
@@ -364,7 +359,7 @@ where
             });
         }
         let server = conn.conn();
-        *self.cancel.lock() = Some(CancelTarget {
+        *self.cancel.lock() = Some(CancelTarget::Server {
             host: server.host.clone(),
             port: server.port,
             key: server.key,
@@ -376,7 +371,21 @@ where
         })
     }
 
-    async fn send(&mut self, out: &[u8]) -> Result<(), ClientError> {
+    /// This client's pool on `node`, looked up once.
+    pub(super) fn pool_on(&mut self, node: usize) -> Result<Arc<crate::pool::Pool>, ClientError> {
+        if let Some(p) = self.pools.get(node).and_then(Option::as_ref) {
+            return Ok(p.clone());
+        }
+        let view = self.shared.cluster.view();
+        let status = view.nodes.get(node).ok_or(ClientError::NoNode("node"))?;
+        let p = super::pool_for(self.shared, &self.config, status, self.database, self.user);
+        if let Some(slot) = self.pools.get_mut(node) {
+            *slot = Some(p.clone());
+        }
+        Ok(p)
+    }
+
+    pub(super) async fn send(&mut self, out: &[u8]) -> Result<(), ClientError> {
         self.writer
             .write_all(out)
             .await
@@ -418,7 +427,7 @@ where
     }
 
     /// The server died under a request: `08006`, and a transaction that was open is failed.
-    async fn report_lost(
+    pub(super) async fn report_lost(
         &mut self,
         why: &str,
         readies: usize,

@@ -100,6 +100,9 @@ pub struct ProxyConfig {
     pub auth_type: AuthType,
     /// Prepared statements kept per server connection (LRU, closed on eviction).
     pub max_prepared_statements: usize,
+    /// Autocommit read-only simple queries may share a server connection with other clients'
+    /// (pipelined, answered in order), up to this many at once per connection; 0 turns it off.
+    pub pipeline_depth: usize,
     /// Runtime worker threads; 0 means one per CPU core.
     pub worker_threads: usize,
     /// How long a graceful shutdown lets open transactions finish before `57P01`.
@@ -129,6 +132,7 @@ impl Default for ProxyConfig {
             max_message_size: ByteSize(64 << 20),
             auth_type: AuthType::ScramSha256,
             max_prepared_statements: 200,
+            pipeline_depth: 8,
             worker_threads: 0,
             shutdown_timeout: Dur::secs(30),
             client_tls_mode: ClientTlsMode::Disable,

@@ -17,6 +17,9 @@ use crate::protocol::backend::TxStatus;
 use crate::registry::{Registry, ServerEntry, now_ms};
 use crate::server::{ConnectParams, ServerConn, ServerError};
 
+mod lane;
+pub use lane::{Lane, REPLY_BATCHES, Reply, Rewritten, Ticket};
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {
     pub node: Arc<str>,
@@ -72,6 +75,10 @@ pub struct Pool {
     reconnect_before: ArcSwapOption<Instant>,
     /// Cancelled (and replaced) when the node is fenced: sessions on its connections end.
     abort: Mutex<CancellationToken>,
+    /// Connections shared by pipelined requests (see `lane`).
+    lanes: Mutex<Vec<Arc<Lane>>>,
+    /// Signalled when a client starts waiting for a connection: idle lanes give theirs back.
+    wanted: tokio::sync::Notify,
 }
 
 impl Pool {
@@ -94,6 +101,8 @@ impl Pool {
             waiting: AtomicUsize::new(0),
             servers,
             reconnect_before: ArcSwapOption::empty(),
+            lanes: Mutex::new(Vec::new()),
+            wanted: tokio::sync::Notify::new(),
         })
     }
 
@@ -103,17 +112,26 @@ impl Pool {
             Ok(p) => p,
             Err(_) => {
                 self.waiting.fetch_add(1, Ordering::Relaxed);
+                self.wanted.notify_waiters();
                 let got = tokio::time::timeout(wait, self.permits.clone().acquire_owned()).await;
                 self.waiting.fetch_sub(1, Ordering::Relaxed);
                 got.map_err(|_| PoolError::CheckoutTimeout(wait))?
                     .map_err(|_| PoolError::CheckoutTimeout(wait))?
             }
         };
+        self.take(permit).await
+    }
+
+    /// An idle connection that is still good, without waiting; the permit back when none is.
+    fn take_idle(
+        self: &Arc<Self>,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<PooledConn, OwnedSemaphorePermit> {
         let now = Instant::now();
         let settings = self.settings();
         loop {
             let Some(conn) = self.idle.lock().pop() else {
-                break;
+                return Err(permit);
             };
             let expired = now.duration_since(conn.created) >= settings.lifetime
                 || now.duration_since(conn.last_used) >= settings.idle_timeout;
@@ -124,6 +142,14 @@ impl Pool {
             }
             return Ok(self.lend(conn, permit));
         }
+    }
+
+    /// A connection for a permit already held: an idle one that is still good, or a new one.
+    async fn take(self: &Arc<Self>, permit: OwnedSemaphorePermit) -> Result<PooledConn, PoolError> {
+        let permit = match self.take_idle(permit) {
+            Ok(conn) => return Ok(conn),
+            Err(permit) => permit,
+        };
         // Boxed: opening a connection (TLS, authentication) is a large, rare state.
         let conn = Box::pin(self.connect()).await?;
         Ok(self.lend(conn, permit))
@@ -287,13 +313,16 @@ impl Pool {
         self.closed.fetch_add(idle.len(), Ordering::Relaxed);
     }
 
-    fn check_in(&self, mut conn: ServerConn) {
-        if self
-            .reconnect_before
+    /// A connection opened at `created` predates a RECONNECT.
+    fn is_stale(&self, created: Instant) -> bool {
+        self.reconnect_before
             .load()
             .as_deref()
-            .is_some_and(|cutoff| conn.created <= *cutoff)
-        {
+            .is_some_and(|cutoff| created <= *cutoff)
+    }
+
+    fn check_in(&self, mut conn: ServerConn) {
+        if self.is_stale(conn.created) {
             self.closed.fetch_add(1, Ordering::Relaxed);
             return;
         }

@@ -77,6 +77,17 @@ pub struct ErrorFields {
 }
 
 impl ErrorFields {
+    /// The backend is going away, not just failing a request: FATAL or PANIC errors, and the
+    /// WARNING notices PostgreSQL 14+ sends before an immediate shutdown or crash restart
+    /// (`57P01` admin shutdown, `57P02` crash shutdown). `tag` is the message's.
+    pub fn is_goodbye(&self, tag: u8) -> bool {
+        if tag == ERROR_RESPONSE {
+            matches!(self.severity.as_str(), "FATAL" | "PANIC")
+        } else {
+            matches!(self.code.as_str(), "57P01" | "57P02")
+        }
+    }
+
     pub fn parse(frame: &Frame) -> Result<Self, ProtocolError> {
         let mut b = frame.body();
         let mut out = ErrorFields::default();
