@@ -386,6 +386,8 @@ impl DevCluster {
 impl Drop for DevCluster {
     fn drop(&mut self) {
         for i in 0..self.nodes.len() {
+            // A node a test froze (SIGSTOP) would otherwise make `pg_ctl stop` wait a minute.
+            let _ = self.signal_node(i, "CONT");
             let _ = self.stop_node(i, "immediate");
         }
         let _ = fs::remove_dir_all(&self.dir);

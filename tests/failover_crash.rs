@@ -1,6 +1,6 @@
-//! The primary crashes under a write load: pgpilot promotes pg2 (highest priority), repoints
-//! pg3, and the writers keep their connections; with `synchronous = true` no acknowledged
-//! write is lost. The old primary, started again as it was, is fenced and then rejoined as a
+//! The primary crashes under a write load: pgpilot promotes the replica holding the most WAL
+//! (pg2 on a tie, by priority), repoints the other, and the writers keep their connections;
+//! with `synchronous = true` no acknowledged write is lost. The old primary, started again as it was, is fenced and then rejoined as a
 //! replica by the devcluster's rejoin script.
 
 mod common;
@@ -29,7 +29,7 @@ async fn a_crashed_primary_is_replaced_without_losing_writes_or_clients() {
     .await;
     let idle = proxy.connect().await;
     let load = WriteLoad::start(&proxy, 4, Duration::from_millis(20)).await;
-    let (pg1, pg2) = (c.port(0), c.port(1));
+    let pg1 = c.port(0);
     eventually(Duration::from_secs(10), "writes on pg1", || {
         let n = load.served_by(pg1);
         async move { n >= 20 }
@@ -38,23 +38,30 @@ async fn a_crashed_primary_is_replaced_without_losing_writes_or_clients() {
 
     common::crash_node(&c, 0).await;
     let killed = Instant::now();
-    eventually(Duration::from_secs(15), "writes on pg2", || {
-        let n = load.served_by(pg2);
+    let new = common::promoted(&shared, Duration::from_secs(15)).await;
+    let (new_port, other) = (c.port(new), 3 - new);
+    let (new_name, other_name) = (c.nodes()[new].name.clone(), c.nodes()[other].name.clone());
+    eventually(Duration::from_secs(15), "writes on the new primary", || {
+        let n = load.served_by(new_port);
         async move { n > 0 }
     })
     .await;
     let resumed = killed.elapsed();
-    eventually(Duration::from_secs(10), "more writes on pg2", || {
-        let n = load.served_by(pg2);
-        async move { n >= 40 }
-    })
+    eventually(
+        Duration::from_secs(10),
+        "more writes on the new primary",
+        || {
+            let n = load.served_by(new_port);
+            async move { n >= 40 }
+        },
+    )
     .await;
     let reports = load.stop().await;
-    let (acked, errors) = check_ledger(&c, 1, &reports, 1);
+    let (acked, errors) = check_ledger(&c, new, &reports, 1);
     eprintln!("writes resumed {resumed:?} after the kill; {acked} acknowledged, {errors} errors");
 
     let view = shared.cluster.view();
-    assert_eq!(view.primary().map(|p| p.name.as_str()), Some("pg2"));
+    assert_eq!(view.primary, Some(new));
     assert_eq!(view.nodes[0].fenced, Some(Fence::Claim));
     let history = shared.failover.history();
     assert_eq!(history.len(), 1, "{history:?}");
@@ -64,7 +71,7 @@ async fn a_crashed_primary_is_replaced_without_losing_writes_or_clients() {
             history[0].new.as_str(),
             history[0].cause.as_str()
         ),
-        (Some("pg1"), "pg2", "crash")
+        (Some("pg1"), new_name.as_str(), "crash")
     );
     eprintln!("failover record: {:?}", history[0]);
     // The idle client's connection survived and writes on the new primary.
@@ -76,18 +83,20 @@ async fn a_crashed_primary_is_replaced_without_losing_writes_or_clients() {
         .await
         .expect("the idle client still works")
         .get(0);
-    assert_eq!(port as u16, pg2);
-    // pg3 follows pg2, and pg2 waits for it to acknowledge commits.
+    assert_eq!(port as u16, new_port);
+    // The other replica follows the new primary (it held no WAL the new primary lacks), and
+    // the new primary waits for it to acknowledge commits.
+    let quorum = format!("{other_name}:quorum");
     common::node_eventually(
         &c,
-        1,
+        new,
         "SELECT application_name || ':' || sync_state FROM pg_stat_replication",
         Duration::from_secs(20),
-        |v| v.lines().any(|l| l == "pg3:quorum"),
+        |v| v.lines().any(|l| l == quorum),
     )
     .await;
 
-    // The old primary comes back as it was: fenced, then rejoined as pg2's replica.
+    // The old primary comes back as it was: fenced, then rejoined as the new primary's replica.
     let k = c.clone();
     tokio::task::spawn_blocking(move || k.start_node(0))
         .await
@@ -112,7 +121,7 @@ async fn a_crashed_primary_is_replaced_without_losing_writes_or_clients() {
         events.iter().any(|e| e.starts_with("unfenced")),
         "{events:#?}"
     );
-    // Rewound: it holds the writes acknowledged by pg2, including the idle client's.
+    // Rewound: it holds the writes acknowledged by the new primary, including the idle client's.
     common::node_eventually(
         &c,
         0,

@@ -1,7 +1,7 @@
 //! The primary hangs (every process SIGSTOPped: no connection is reset). pgpilot declares it
 //! dead after `failover_timeout` (the replicas lost it too: their `wal_receiver_timeout` was
-//! lowered by pgpilot), promotes pg2, and aborts the statements stuck on pg1. Thawed, pg1
-//! still claims to be primary: it is fenced and gets no write.
+//! lowered by pgpilot), promotes the replica holding the most WAL, and aborts the statements
+//! stuck on pg1. Thawed, pg1 still claims to be primary: it is fenced and gets no write.
 
 mod common;
 
@@ -33,7 +33,7 @@ async fn a_hung_primary_is_replaced_and_fenced_when_it_wakes_up() {
     )
     .await;
     let load = WriteLoad::start(&proxy, 3, Duration::from_millis(20)).await;
-    let (pg1, pg2) = (c.port(0), c.port(1));
+    let pg1 = c.port(0);
     eventually(Duration::from_secs(10), "writes on pg1", || {
         let n = load.served_by(pg1);
         async move { n >= 20 }
@@ -42,8 +42,10 @@ async fn a_hung_primary_is_replaced_and_fenced_when_it_wakes_up() {
 
     c.signal_node(0, "STOP").unwrap();
     let frozen = Instant::now();
-    eventually(Duration::from_secs(20), "writes on pg2", || {
-        let n = load.served_by(pg2);
+    let new = common::promoted(&shared, Duration::from_secs(20)).await;
+    let (new_port, other) = (c.port(new), 3 - new);
+    eventually(Duration::from_secs(20), "writes on the new primary", || {
+        let n = load.served_by(new_port);
         async move { n > 0 }
     })
     .await;
@@ -67,14 +69,18 @@ async fn a_hung_primary_is_replaced_and_fenced_when_it_wakes_up() {
     })
     .await;
     let rows_on_pg1 = c.psql(0, "app", "SELECT count(*) FROM ledger").unwrap();
-    let before = load.served_by(pg2);
-    eventually(Duration::from_secs(20), "more writes on pg2", || {
-        let n = load.served_by(pg2);
-        async move { n >= before + 40 }
-    })
+    let before = load.served_by(new_port);
+    eventually(
+        Duration::from_secs(20),
+        "more writes on the new primary",
+        || {
+            let n = load.served_by(new_port);
+            async move { n >= before + 40 }
+        },
+    )
     .await;
     let reports = load.stop().await;
-    let (acked, errors) = check_ledger(&c, 1, &reports, 1);
+    let (acked, errors) = check_ledger(&c, new, &reports, 1);
     eprintln!("{acked} writes acknowledged, {errors} errors");
     assert_eq!(
         c.psql(0, "app", "SELECT count(*) FROM ledger").unwrap(),
@@ -82,7 +88,17 @@ async fn a_hung_primary_is_replaced_and_fenced_when_it_wakes_up() {
         "the fenced old primary got writes"
     );
     let view = shared.cluster.view();
-    assert_eq!(view.primary().map(|p| p.name.as_str()), Some("pg2"));
+    assert_eq!(view.primary, Some(new));
     assert_eq!(view.nodes[0].fenced, Some(Fence::Claim));
+    // The other replica follows the new primary: it held no WAL the new primary lacks.
+    let name = c.nodes()[other].name.clone();
+    node_eventually(
+        &c,
+        new,
+        "SELECT application_name || ':' || state FROM pg_stat_replication",
+        Duration::from_secs(20),
+        |v| v.lines().any(|l| l == format!("{name}:streaming")),
+    )
+    .await;
     proxy.shutdown().await;
 }

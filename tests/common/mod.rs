@@ -103,6 +103,7 @@ pub async fn start_proxy(config: Config) -> TestProxy {
 
 /// A proxy whose RELOAD / SIGHUP re-read `path`.
 pub async fn start_proxy_from(config: Config, path: Option<std::path::PathBuf>) -> TestProxy {
+    capture_logs();
     let proxy = pgpilot::app::Proxy::bind(config).await.expect("bind proxy");
     if let Some(p) = path {
         proxy.set_config_path(p);
@@ -120,6 +121,20 @@ pub async fn start_proxy_from(config: Config, path: Option<std::path::PathBuf>) 
         stop,
         task,
     }
+}
+
+/// Sends the proxy's log (`RUST_LOG`, default `pgpilot=debug`) to the test's captured output,
+/// which the harness prints only for a failing test.
+fn capture_logs() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("pgpilot=debug"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    });
 }
 
 /// Runs `psql` against the proxy; returns (success, stdout, stderr).
@@ -300,6 +315,23 @@ pub async fn admin_query(
 }
 
 /// Crashes node `i` (`pg_ctl stop -m immediate`) without blocking the runtime.
+/// Waits for the first failover record and returns the index of the node it promoted. With
+/// `synchronous`, the replica holding the most WAL is promoted (the highest priority on a
+/// tie): which one depends on where the old primary stopped, so tests ask instead of assuming.
+pub async fn promoted(shared: &pgpilot::app::Shared, timeout: Duration) -> usize {
+    eventually(timeout, "a failover record", || {
+        let done = !shared.failover.history().is_empty();
+        async move { done }
+    })
+    .await;
+    let new = shared.failover.history()[0].new.clone();
+    shared
+        .cluster
+        .view()
+        .index_of(&new)
+        .unwrap_or_else(|| panic!("the promoted node {new} is not in the view"))
+}
+
 pub async fn crash_node(c: &std::sync::Arc<DevCluster>, i: usize) {
     let c = c.clone();
     tokio::task::spawn_blocking(move || c.stop_node(i, "immediate"))

@@ -1,0 +1,90 @@
+//! With `synchronous = true`, the replica holding the most WAL is promoted even when another
+//! has a higher priority: pg2 (priority 90) is down while pg3 (80) alone acknowledges commits;
+//! pg2 comes back just as the primary hangs, behind pg3. pgpilot promotes pg3, loses no
+//! acknowledged write, and pg2 follows pg3.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::load::{LEDGER, WriteLoad, check_ledger};
+use common::{config, eventually, node_eventually, start_cluster, start_proxy};
+use pgpilot::devcluster::DevClusterOptions;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_replica_with_every_acknowledged_commit_wins_over_priority() {
+    let c = Arc::new(start_cluster(DevClusterOptions::default()));
+    c.psql(0, "app", LEDGER).unwrap();
+    let proxy = start_proxy(config(&c, |cfg| {
+        cfg.cluster.synchronous = true;
+        cfg.cluster.rejoin_command = None;
+    }))
+    .await;
+    let shared = proxy.shared.clone();
+    common::wait_failover_ready(&shared).await;
+    let (pg2, pg3) = (1, 2);
+    assert!(shared.cluster.view().nodes[pg2].priority > shared.cluster.view().nodes[pg3].priority);
+    node_eventually(
+        &c,
+        0,
+        "SHOW synchronous_standby_names",
+        Duration::from_secs(10),
+        |v| v.contains("pg2") && v.contains("pg3"),
+    )
+    .await;
+    let load = WriteLoad::start(&proxy, 3, Duration::from_millis(20)).await;
+    let pg1 = c.port(0);
+    eventually(Duration::from_secs(10), "writes on pg1", || {
+        let n = load.served_by(pg1);
+        async move { n >= 20 }
+    })
+    .await;
+
+    // pg2 goes down; commits go on, acknowledged by pg3 alone (ANY 1).
+    common::crash_node(&c, pg2).await;
+    let before = load.served_by(pg1);
+    eventually(
+        Duration::from_secs(10),
+        "writes acknowledged by pg3 alone",
+        || {
+            let n = load.served_by(pg1);
+            async move { n >= before + 10 }
+        },
+    )
+    .await;
+    // The primary hangs, and pg2 comes back with less WAL than pg3 (it cannot catch up from a
+    // frozen primary).
+    c.signal_node(0, "STOP").unwrap();
+    let k = c.clone();
+    tokio::task::spawn_blocking(move || k.start_node(pg2))
+        .await
+        .expect("start task")
+        .expect("restart pg2");
+
+    let new = common::promoted(&shared, Duration::from_secs(20)).await;
+    assert_eq!(
+        new,
+        pg3,
+        "the replica with the most WAL is promoted: {:?}",
+        shared.failover.history()
+    );
+    eventually(Duration::from_secs(20), "writes on pg3", || {
+        let n = load.served_by(c.port(pg3));
+        async move { n > 0 }
+    })
+    .await;
+    let reports = load.stop().await;
+    let (acked, errors) = check_ledger(&c, pg3, &reports, 1);
+    eprintln!("{acked} writes acknowledged, {errors} errors");
+    // pg2 was behind, so it can follow pg3 on the new timeline.
+    node_eventually(
+        &c,
+        pg3,
+        "SELECT application_name || ':' || state FROM pg_stat_replication",
+        Duration::from_secs(30),
+        |v| v.lines().any(|l| l == "pg2:streaming"),
+    )
+    .await;
+    proxy.shutdown().await;
+}
