@@ -1,5 +1,6 @@
 //! pgbench through the proxy: initialisation (DDL, COPY, VACUUM) and 50 clients over a pool of
-//! 10 in each query mode, with zero failed transactions.
+//! 10 in each query mode for 30 s each (`PGPILOT_PGBENCH_SECS` shortens it for a quick local
+//! run), with zero failed transactions.
 
 mod common;
 
@@ -34,12 +35,13 @@ fn number_after(text: &str, label: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_pgbench_clients_over_ten_connections_lose_nothing() {
+    let secs = std::env::var("PGPILOT_PGBENCH_SECS").unwrap_or_else(|_| "30".to_owned());
     let proxy = start_proxy(config(cluster(), |c| c.proxy.pool_size = 10)).await;
     pgbench(proxy.port(), &["-i", "-s", "2", "-q"]).await;
     for mode in ["prepared", "extended", "simple"] {
         let out = pgbench(
             proxy.port(),
-            &["-M", mode, "-c", "50", "-j", "2", "-T", "5"],
+            &["-M", mode, "-c", "50", "-j", "2", "-T", &secs],
         )
         .await;
         let done = number_after(&out, "number of transactions actually processed: ");
@@ -47,7 +49,7 @@ async fn fifty_pgbench_clients_over_ten_connections_lose_nothing() {
         assert!(done > 0, "{mode}: no transactions:\n{out}");
         assert_eq!(failed, 0, "{mode}: failed transactions:\n{out}");
         eprintln!(
-            "pgbench -M {mode} -c 50 -j 2 -T 5 (pool_size 10): {done} transactions, 0 failed"
+            "pgbench -M {mode} -c 50 -j 2 -T {secs} (pool_size 10): {done} transactions, 0 failed"
         );
     }
     let opened: usize = proxy.shared.pools.all().iter().map(|p| p.opened()).sum();
