@@ -5,40 +5,16 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::load::{LEDGER, WriteLoad, check_ledger};
-use common::{config, eventually, node_eventually, start_cluster, start_proxy};
+use common::load::{check_ledger, synchronous_writes};
+use common::{eventually, node_eventually};
 use pgpilot::cluster::{Fence, Role};
-use pgpilot::devcluster::DevClusterOptions;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_primary_is_replaced_and_fenced_when_it_wakes_up() {
-    let c = Arc::new(start_cluster(DevClusterOptions::default()));
-    c.psql(0, "app", LEDGER).unwrap();
-    let proxy = start_proxy(config(&c, |cfg| {
-        cfg.cluster.synchronous = true;
-        cfg.cluster.rejoin_command = None;
-    }))
-    .await;
+    let (c, proxy, load) = synchronous_writes(3).await;
     let shared = proxy.shared.clone();
-    common::wait_failover_ready(&shared).await;
-    node_eventually(
-        &c,
-        0,
-        "SHOW synchronous_standby_names",
-        Duration::from_secs(10),
-        |v| v.contains("pg2") && v.contains("pg3"),
-    )
-    .await;
-    let load = WriteLoad::start(&proxy, 3, Duration::from_millis(20)).await;
-    let pg1 = c.port(0);
-    eventually(Duration::from_secs(10), "writes on pg1", || {
-        let n = load.served_by(pg1);
-        async move { n >= 20 }
-    })
-    .await;
 
     c.signal_node(0, "STOP").unwrap();
     let frozen = Instant::now();

@@ -271,14 +271,7 @@ async fn named_statements_ride_lanes_under_their_own_names_through_evictions() {
         let client = proxy.connect().await;
         tasks.push(tokio::spawn(async move {
             // Same client-side names in every client ("s0", "s1"): the server names differ.
-            let add = client
-                .prepare(&format!("SELECT $1::int + {i}"))
-                .await
-                .unwrap();
-            let owner = client
-                .prepare("SELECT owner FROM accounts WHERE id = $1")
-                .await
-                .unwrap();
+            let (add, owner) = common::prepare_add_and_owner(&client, i).await;
             for round in 0..25i32 {
                 let row = client.query_one(&add, &[&round]).await.unwrap();
                 assert_eq!(row.get::<_, i32>(0), round + i);

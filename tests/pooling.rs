@@ -38,14 +38,7 @@ async fn fifty_clients_with_prepared_statements_over_two_server_connections() {
                 .await
                 .unwrap();
             tokio::spawn(conn);
-            let add = client
-                .prepare(&format!("SELECT $1::int + {i}"))
-                .await
-                .unwrap();
-            let owner = client
-                .prepare("SELECT owner FROM accounts WHERE id = $1")
-                .await
-                .unwrap();
+            let (add, owner) = common::prepare_add_and_owner(&client, i).await;
             for round in 0..10i32 {
                 let tx = client.transaction().await.unwrap();
                 let sum: i32 = tx.query_one(&add, &[&round]).await.unwrap().get(0);

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use pgpilot::devcluster::DevCluster;
+use pgpilot::devcluster::{DevCluster, DevClusterOptions};
 
 use super::TestProxy;
 
@@ -84,6 +84,36 @@ impl WriteLoad {
         }
         reports
     }
+}
+
+/// A cluster of the test's own with `ledger`, a proxy with `synchronous = true` and no
+/// `rejoin_command`, the primary waiting for both replicas, and `writers` writing through the
+/// proxy every 20 ms, with 20 writes acknowledged by pg1 already.
+pub async fn synchronous_writes(writers: i32) -> (Arc<DevCluster>, TestProxy, WriteLoad) {
+    let c = Arc::new(super::start_cluster(DevClusterOptions::default()));
+    c.psql(0, "app", LEDGER).expect("create the ledger");
+    let proxy = super::start_proxy(super::config(&c, |cfg| {
+        cfg.cluster.synchronous = true;
+        cfg.cluster.rejoin_command = None;
+    }))
+    .await;
+    super::wait_failover_ready(&proxy.shared).await;
+    super::node_eventually(
+        &c,
+        0,
+        "SHOW synchronous_standby_names",
+        Duration::from_secs(10),
+        |v| v.contains("pg2") && v.contains("pg3"),
+    )
+    .await;
+    let load = WriteLoad::start(&proxy, writers, Duration::from_millis(20)).await;
+    let pg1 = c.port(0);
+    super::eventually(Duration::from_secs(10), "writes on pg1", || {
+        let n = load.served_by(pg1);
+        async move { n >= 20 }
+    })
+    .await;
+    (c, proxy, load)
 }
 
 /// Asserts that every acknowledged write is on node `i`, that no writer was disconnected and

@@ -123,6 +123,23 @@ pub async fn start_proxy_from(config: Config, path: Option<std::path::PathBuf>) 
     }
 }
 
+/// The statements the prepared-statement tests run in client `i`: `SELECT $1::int + i` and an
+/// owner lookup in the sample data.
+pub async fn prepare_add_and_owner(
+    client: &Client,
+    i: i32,
+) -> (tokio_postgres::Statement, tokio_postgres::Statement) {
+    let add = client
+        .prepare(&format!("SELECT $1::int + {i}"))
+        .await
+        .expect("prepare the sum");
+    let owner = client
+        .prepare("SELECT owner FROM accounts WHERE id = $1")
+        .await
+        .expect("prepare the lookup");
+    (add, owner)
+}
+
 /// Sends the proxy's log (`RUST_LOG`, default `pgpilot=debug`) to the test's captured output,
 /// which the harness prints only for a failing test.
 fn capture_logs() {
