@@ -70,8 +70,10 @@ pub struct Lane {
     head_since: AtomicU64,
     head_id: AtomicU64,
     next_id: AtomicU64,
-    /// A cancel request waiting for this request id to reach the server (0: none).
-    cancel_at: AtomicU64,
+    /// Cancel requests waiting for their request (by id) to reach the server.
+    cancels: Mutex<Vec<u64>>,
+    /// `cancels.len()`, read without the lock as each request starts.
+    pending_cancels: AtomicUsize,
     /// Takes no new requests; the task ends once the admitted ones are answered.
     closed: AtomicBool,
     /// The connection's prepared statements, held here while the lane runs (`None` until the
@@ -114,7 +116,8 @@ impl Lane {
             head_since: AtomicU64::new(0),
             head_id: AtomicU64::new(1),
             next_id: AtomicU64::new(1),
-            cancel_at: AtomicU64::new(0),
+            cancels: Mutex::new(Vec::new()),
+            pending_cancels: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
             statements: Mutex::new(None),
             born: Instant::now(),
@@ -143,18 +146,27 @@ impl Lane {
         if head > id {
             return None; // answered already
         }
-        self.cancel_at.store(id, Ordering::SeqCst);
-        // Whoever clears `cancel_at` sends: this caller if the request is running now, or the
-        // lane when it reaches the request.
-        if self.head_id.load(Ordering::SeqCst) == id
-            && self
-                .cancel_at
-                .compare_exchange(id, 0, Ordering::SeqCst, Ordering::SeqCst)
-                .is_ok()
         {
+            let mut cancels = self.cancels.lock();
+            cancels.push(id);
+            self.pending_cancels.store(cancels.len(), Ordering::SeqCst);
+        }
+        // Whoever takes the id off the list sends: this caller if the request is running now,
+        // or the lane when it reaches the request.
+        if self.head_id.load(Ordering::SeqCst) == id && self.take_cancel(id) {
             return self.server.get().cloned();
         }
         None
+    }
+
+    /// Takes `id` off the waiting cancels (true if it was there), and drops those of requests
+    /// answered before it.
+    fn take_cancel(&self, id: u64) -> bool {
+        let mut cancels = self.cancels.lock();
+        let found = cancels.contains(&id);
+        cancels.retain(|&waiting| waiting > id);
+        self.pending_cancels.store(cancels.len(), Ordering::SeqCst);
+        found
     }
 
     /// Request `id` is the one the server works on now; sends a cancel that waited for it.
@@ -170,9 +182,7 @@ impl Lane {
     fn reach(&self, id: u64) -> bool {
         self.head_since.store(self.now_us(), Ordering::Release);
         self.head_id.store(id, Ordering::SeqCst);
-        self.cancel_at
-            .compare_exchange(id, 0, Ordering::SeqCst, Ordering::SeqCst)
-            .is_ok()
+        self.pending_cancels.load(Ordering::SeqCst) > 0 && self.take_cancel(id)
     }
 }
 
@@ -548,7 +558,25 @@ mod tests {
         assert!(!l.reach(4));
         // Answered requests are not cancelled any more.
         assert_eq!(l.cancel(3), None);
-        assert_eq!(l.cancel_at.load(Ordering::SeqCst), 0);
+        assert!(l.cancels.lock().is_empty());
+    }
+
+    #[test]
+    fn every_queued_cancel_waits_for_its_own_request() {
+        let l = lane();
+        assert!(!l.reach(1));
+        // Two clients cancel two queued requests at once: both are kept.
+        assert_eq!(l.cancel(2), None);
+        assert_eq!(l.cancel(4), None);
+        assert!(l.reach(2));
+        assert!(!l.reach(3));
+        assert!(l.reach(4));
+        assert_eq!(l.pending_cancels.load(Ordering::SeqCst), 0);
+        // A cancel that raced its request's answer is dropped once a later request starts.
+        l.cancels.lock().push(5);
+        l.pending_cancels.store(1, Ordering::SeqCst);
+        assert!(!l.reach(6));
+        assert!(l.cancels.lock().is_empty());
     }
 
     #[test]
