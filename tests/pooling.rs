@@ -303,29 +303,23 @@ async fn a_statement_name_reused_after_close_never_runs_the_old_text() {
             .find(|m| m.tag == b'D')
             .map(|m| String::from_utf8_lossy(&m.body[6..]).into_owned())
     };
-    a.send(&request(&parse("SELECT 1"))).await;
-    a.until_ready().await;
-    // Every connection A uses gets s1 = SELECT 1.
-    for _ in 0..2 {
-        b.batch_execute("BEGIN").await.unwrap();
-        a.send(&request(&run)).await;
-        assert_eq!(value(&a.until_ready().await).as_deref(), Some("1"));
-        b.batch_execute("COMMIT").await.unwrap();
-        a.send(&request(&run)).await;
-        assert_eq!(value(&a.until_ready().await).as_deref(), Some("1"));
-    }
-    a.send(&request(&|o| frontend::close(b'S', "s1", o).unwrap()))
-        .await;
-    a.until_ready().await;
-    a.send(&request(&parse("SELECT 2"))).await;
-    a.until_ready().await;
-    // Wherever it runs now, s1 is the new text.
-    for _ in 0..2 {
-        b.batch_execute("BEGIN").await.unwrap();
-        a.send(&request(&run)).await;
-        assert_eq!(value(&a.until_ready().await).as_deref(), Some("2"));
-        b.batch_execute("COMMIT").await.unwrap();
-        a.send(&request(&run)).await;
-        assert_eq!(value(&a.until_ready().await).as_deref(), Some("2"));
+    // First every connection A uses gets s1 = SELECT 1; then, closed and prepared again as
+    // SELECT 2, s1 is the new text wherever it runs.
+    for (sql, expected) in [("SELECT 1", "1"), ("SELECT 2", "2")] {
+        if expected == "2" {
+            a.send(&request(&|o| frontend::close(b'S', "s1", o).unwrap()))
+                .await;
+            a.until_ready().await;
+        }
+        a.send(&request(&parse(sql))).await;
+        a.until_ready().await;
+        for _ in 0..2 {
+            b.batch_execute("BEGIN").await.unwrap();
+            a.send(&request(&run)).await;
+            assert_eq!(value(&a.until_ready().await).as_deref(), Some(expected));
+            b.batch_execute("COMMIT").await.unwrap();
+            a.send(&request(&run)).await;
+            assert_eq!(value(&a.until_ready().await).as_deref(), Some(expected));
+        }
     }
 }

@@ -414,6 +414,12 @@ fn parse_options(options: &str) -> Vec<(String, String)> {
     out
 }
 
+/// Completes once a shutdown has begun and its grace period has run out.
+async fn grace_ran_out(shutdown: &tokio_util::sync::CancellationToken, grace: std::time::Duration) {
+    shutdown.cancelled().await;
+    tokio::time::sleep(grace).await;
+}
+
 async fn send_error<W: AsyncWrite + Unpin>(wr: &mut W, e: &ClientError) {
     if let Some((severity, code, message)) = e.response() {
         let mut out = BytesMut::new();

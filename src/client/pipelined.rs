@@ -1,9 +1,9 @@
-//! The pipelined path for one request: an autocommit read-only simple query, or an extended
-//! request on the unnamed statement and portal that needs nothing from the server's state,
-//! rides a shared lane (see `pool::lane`) instead of borrowing a server connection of its own,
-//! and its answer
-//! is streamed back as the lane hands it over. A request no lane takes, or whose lane fails
-//! before any of its answer reached the client, goes the ordinary way.
+//! The pipelined path for one request: an autocommit read-only simple query, a self-contained
+//! extended request on the unnamed statement, or an execution of one of the client's named
+//! statements rides a shared lane (see `pool::lane`) instead of borrowing a server connection
+//! of its own, and its answer is streamed back as the lane hands it over. A request no lane
+//! takes, or whose lane fails before any of its answer reached the client, goes the ordinary
+//! way.
 
 use std::collections::VecDeque;
 
@@ -116,10 +116,7 @@ where
         let forced = async {
             tokio::select! {
                 _ = client.kill.cancelled() => {}
-                _ = async {
-                    shutdown.cancelled().await;
-                    tokio::time::sleep(grace).await;
-                } => {}
+                _ = super::grace_ran_out(shutdown, grace) => {}
             }
         };
         tokio::pin!(forced);

@@ -167,10 +167,7 @@ where
                 flow.changed.notified().await;
             }
         };
-        let forced = async {
-            shutdown.cancelled().await;
-            tokio::time::sleep(grace).await;
-        };
+        let forced = super::grace_ran_out(shutdown, grace);
         tokio::select! {
             e = client_to_server => e,
             e = server_to_client => e,

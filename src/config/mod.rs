@@ -100,8 +100,9 @@ pub struct ProxyConfig {
     pub auth_type: AuthType,
     /// Prepared statements kept per server connection (LRU, closed on eviction).
     pub max_prepared_statements: usize,
-    /// Autocommit read-only simple queries may share a server connection with other clients'
-    /// (pipelined, answered in order), up to this many at once per connection; 0 turns it off.
+    /// Autocommit read-only requests (simple, unnamed extended, executions of named
+    /// statements) may share a server connection with other clients' (pipelined, answered in
+    /// order), up to this many at once per connection; 0 turns it off.
     pub pipeline_depth: usize,
     /// Runtime worker threads; 0 means one per CPU core.
     pub worker_threads: usize,
