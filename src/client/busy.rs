@@ -6,16 +6,18 @@
 //! requests back to be retried on another node.
 
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::time::Instant;
 
 use super::prepared::{
-    Disposition, Expect, Rewriter, ServerStatements, copy_in_started, on_response,
+    Disposition, Expect, Rewriter, SHAPE_CHANGED, ServerStatements, check_request, copy_in_started,
+    failed_parses, on_check_answer, on_response, unchecked_statements,
 };
 use super::settings::Settings;
-use super::txn::{BusyEnd, Held, Txn};
+use super::txn::{BusyEnd, Held, LocalReply, Txn};
 use super::unit::{Change, Meaning, Unit, meaning};
 use crate::config::ReadYourWrites;
 use crate::net::ServerStream;
@@ -162,7 +164,10 @@ impl Drive<'_> {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        if let Err(e) = self.send(txn, first, first_meaning, may_retry).await {
+        if let Err(e) = self
+            .send(txn, server, first, first_meaning, may_retry)
+            .await
+        {
             return self.lost(txn, e);
         }
         // A request that must be routed afresh waits on the session queue; stop reading.
@@ -180,7 +185,7 @@ impl Drive<'_> {
                         continue;
                     };
                     let m = meaning(&u, &txn.statements, &txn.rules);
-                    if let Err(e) = self.send(txn, u, &m, false).await {
+                    if let Err(e) = self.send(txn, server, u, &m, false).await {
                         return self.lost(txn, e);
                     }
                     continue;
@@ -259,8 +264,27 @@ impl Drive<'_> {
                     if !txn.incoming.push(frame) {
                         continue;
                     }
-                    let unit = std::mem::take(&mut txn.incoming);
-                    let m = meaning(&unit, &txn.statements, &txn.rules);
+                    let mut unit = std::mem::take(&mut txn.incoming);
+                    let mut m = meaning(&unit, &txn.statements, &txn.rules);
+                    if self.outstanding == 0 && !self.partial {
+                        // What the proxy answers without a connection it answers the same
+                        // way with one.
+                        let mut out = BytesMut::new();
+                        match txn.local_reply(&m, &mut out) {
+                            LocalReply::Answered => {
+                                if txn.writer.write_all(&out).await.is_err() {
+                                    return (BusyEnd::ClientGone, self.gone_disposal(txn));
+                                }
+                                continue;
+                            }
+                            LocalReply::Forward => {}
+                            LocalReply::Raise { code, message } => {
+                                // The transaction must abort on the server as well.
+                                unit = raising_unit(code, &message);
+                                m = meaning(&unit, &txn.statements, &txn.rules);
+                            }
+                        }
+                    }
                     let in_tx = txn.status != TxStatus::Idle || self.began_in_flight;
                     let wants_primary = txn.target_of(&m) == Target::Primary;
                     if self.on_replica && !in_tx && !txn.pinned && wants_primary {
@@ -274,7 +298,7 @@ impl Drive<'_> {
                         && m.intent.read_only
                         && m.intent.begin.is_none()
                         && !unit.is_partial();
-                    if let Err(e) = self.send(txn, unit, &m, retryable).await {
+                    if let Err(e) = self.send(txn, server, unit, &m, retryable).await {
                         return self.lost(txn, e);
                     }
                 }
@@ -286,10 +310,24 @@ impl Drive<'_> {
     async fn send<R, W>(
         &mut self,
         txn: &mut Txn<'_, R, W>,
+        server: &mut MessageReader<ReadHalf<&mut ServerStream>>,
         unit: Unit,
         m: &Meaning,
         retryable: bool,
     ) -> Result<(), String> {
+        let raised;
+        let (unit, m) = if self.check_shapes(txn, server, &unit).await? {
+            (unit, m)
+        } else {
+            // PostgreSQL's answer for a statement whose result shape changed; inside a
+            // transaction it aborts it on the server too.
+            let raise = raising_unit(
+                crate::protocol::sqlstate::FEATURE_NOT_SUPPORTED,
+                SHAPE_CHANGED,
+            );
+            raised = meaning(&raise, &txn.statements, &txn.rules);
+            (raise, &raised)
+        };
         let readies = unit.readies();
         let partial = unit.is_partial();
         let sent = Instant::now();
@@ -307,6 +345,8 @@ impl Drive<'_> {
                 rules: &txn.rules,
                 max_prepared: txn.config.proxy.max_prepared_statements,
                 parsed: m.parsed.iter(),
+                refuse_unverified: false,
+                unverified: false,
             };
             for f in &unit.frames {
                 rw.push(f, &mut out).map_err(|e| e.to_string())?;
@@ -344,6 +384,38 @@ impl Drive<'_> {
         self.swr.write_all(&out).await.map_err(|e| e.to_string())
     }
 
+    /// Before a request executes statements this connection must prepare again, checks that
+    /// their result shape is still the one the client prepared (one round trip, only then).
+    /// False when the request must fail with `0A000` instead.
+    async fn check_shapes<R, W>(
+        &mut self,
+        txn: &Txn<'_, R, W>,
+        server: &mut MessageReader<ReadHalf<&mut ServerStream>>,
+        unit: &Unit,
+    ) -> Result<bool, String> {
+        let stmts = match unchecked_statements(&unit.frames, &txn.statements, self.statements) {
+            Ok(s) if s.is_empty() => return Ok(true),
+            Ok(s) => s,
+            Err(_) => return Ok(false),
+        };
+        let max = txn.config.proxy.max_prepared_statements;
+        let (out, _) = check_request(&stmts, self.statements, max);
+        self.swr.write_all(&out).await.map_err(|e| e.to_string())?;
+        let mut next = 0;
+        loop {
+            let frame = match server.next().await {
+                Ok(Some(f)) => f,
+                Ok(None) => return Err("server closed the connection".into()),
+                Err(e) => return Err(e.to_string()),
+            };
+            if frame.tag == backend::READY_FOR_QUERY {
+                break;
+            }
+            on_check_answer(frame.tag, frame.body(), &stmts, &mut next, self.statements);
+        }
+        Ok(!stmts.iter().any(|s| s.broken.load(Ordering::Relaxed)))
+    }
+
     /// Forwards `first` and every further response already buffered, in one write.
     async fn relay_responses<R, W>(
         &mut self,
@@ -372,9 +444,19 @@ impl Drive<'_> {
                 if frame.tag == backend::ERROR_RESPONSE {
                     self.errored = true;
                     txn.shared.stats.error(&fields.code);
+                    for (client, server) in failed_parses(&self.expect) {
+                        txn.statements.parse_failed(&client, server.as_deref());
+                    }
+                }
+                // The client knows its statements by its own names, not the proxy's.
+                if let Some(raw) = backend::rewrite_message(&frame, |m| txn.statements.unrename(m))
+                    && let Ok(f) = Frame::from_raw(raw)
+                {
+                    frame = f;
                 }
             }
-            let disposition = on_response(frame.tag, &mut self.expect, self.statements);
+            let disposition =
+                on_response(frame.tag, frame.body(), &mut self.expect, self.statements);
             match frame.tag {
                 backend::READY_FOR_QUERY => {
                     let status =
@@ -467,7 +549,12 @@ impl Drive<'_> {
         });
         txn.stats.query(now.duration_since(p.sent));
         if !self.errored {
-            self.tentative.extend(p.changes);
+            let (now, later): (Vec<Change>, Vec<Change>) =
+                p.changes.into_iter().partition(|c| !c.is_transactional());
+            if !now.is_empty() {
+                txn.apply(&now, self.applied, self.statements);
+            }
+            self.tentative.extend(later);
             self.wrote_in_tx |= p.wrote;
         }
         self.errored = false;
@@ -515,10 +602,18 @@ impl Drive<'_> {
     }
 
     fn lost<R, W>(&mut self, txn: &mut Txn<'_, R, W>, why: String) -> (BusyEnd, Disposal) {
+        if txn.pinned {
+            // Session state (LISTEN, locks, temp tables, SET ROLE) went with the server and
+            // cannot be rebuilt: the client is closed, as a direct connection would be.
+            return (BusyEnd::SessionLost(why), Disposal::Close);
+        }
         if self.outstanding == 0 && !self.partial && !self.copy_in {
-            // Nothing was owed to the client: it notices nothing (a pinned session's server
-            // state, such as LISTEN, is gone with the server).
-            txn.pinned = false;
+            if txn.status != TxStatus::Idle {
+                // The client is idle inside a transaction: nothing is owed yet, but the
+                // transaction is gone and its next request must learn it.
+                return (BusyEnd::TxLost(why), Disposal::Close);
+            }
+            // Idle outside a transaction, nothing owed: the client notices nothing.
             return (BusyEnd::Released, Disposal::Close);
         }
         // Nothing of the unanswered requests reached the client and all may run elsewhere.
@@ -562,4 +657,22 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
     }
+}
+
+/// A request that makes the server raise `code` with `message`: an error the proxy must give
+/// inside a transaction also aborts that transaction where it runs.
+fn raising_unit(code: &str, message: &str) -> Unit {
+    let escaped = message.replace('\'', "''");
+    let sql = format!(
+        "DO $pgpilot$BEGIN RAISE EXCEPTION USING ERRCODE = '{code}', MESSAGE = '{escaped}'; END$pgpilot$"
+    );
+    let mut raw = BytesMut::new();
+    crate::protocol::codec::write_message(&mut raw, frontend::QUERY, |b| {
+        crate::protocol::codec::put_cstr(b, &sql)
+    });
+    let mut unit = Unit::default();
+    if let Ok(frame) = Frame::from_raw(raw) {
+        unit.push(frame);
+    }
+    unit
 }

@@ -41,14 +41,20 @@ pub enum ClientError {
 impl ClientError {
     /// The server could not be reached at all (as opposed to refusing us).
     pub fn is_unreachable(&self) -> bool {
-        matches!(
-            self,
+        match self {
             ClientError::Pool(PoolError::Connect(
                 ServerError::Connect { .. }
-                    | ServerError::ConnectTimeout { .. }
-                    | ServerError::Protocol(_)
-            )) | ClientError::ServerLost(_)
-        )
+                | ServerError::ConnectTimeout { .. }
+                | ServerError::Protocol(_),
+            ))
+            | ClientError::ServerLost(_) => true,
+            // Shutting down, starting up, or restarting after a crash: not an answer to the
+            // client's request, only a server that is not there at the moment.
+            ClientError::Pool(PoolError::Connect(ServerError::Rejected(fields))) => {
+                matches!(fields.code.as_str(), "57P01" | "57P02" | "57P03")
+            }
+            _ => false,
+        }
     }
 
     /// The ErrorResponse to send, or `None` when the client is gone and nothing can be sent.

@@ -292,6 +292,7 @@ where
         session_read_only: false,
         last_write: None,
         failed_tx: false,
+        lost_tx: None,
         discard_until_sync: false,
         status: TxStatus::Idle,
         pinned: false,

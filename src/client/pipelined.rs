@@ -79,9 +79,15 @@ where
                         rules,
                         max_prepared,
                         parsed: m.parsed.iter(),
+                        refuse_unverified: true,
+                        unverified: false,
                     };
                     for f in &unit.frames {
                         rw.push(f, &mut out).ok()?;
+                    }
+                    if rw.unverified {
+                        // Its shape must be checked before it runs: not on a lane.
+                        return None;
                     }
                 }
                 None if !named => {

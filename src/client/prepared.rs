@@ -5,12 +5,13 @@
 //! statement is re-sent the same way when the client's last unnamed Parse ran elsewhere.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use bytes::{BufMut, BytesMut};
 
 use super::unit::{Change, changes_of};
-use crate::protocol::codec::{get_cstr, put_cstr, write_message};
+use crate::protocol::codec::{get_cbytes, get_cstr, put_cstr, write_message};
 use crate::protocol::frontend;
 use crate::protocol::{Frame, ProtocolError};
 use crate::router::classify::FunctionRules;
@@ -50,7 +51,21 @@ pub struct Statement {
     /// Session changes the statement makes each time it is executed (`SET ...` prepared once
     /// and executed by name).
     pub changes: Vec<Change>,
+    /// The result description the statement had when the client prepared it (a
+    /// RowDescription body, empty for NoData). PostgreSQL refuses to run a prepared statement
+    /// whose result shape changed since (`0A000`); a re-Parse on another connection must too.
+    pub shape: OnceLock<Vec<u8>>,
+    /// Its shape changed: every execution fails with `0A000`, as PostgreSQL's does.
+    pub broken: AtomicBool,
 }
+
+/// The error PostgreSQL gives for a prepared statement whose result shape changed.
+pub const SHAPE_CHANGED: &str = "cached plan must not change result type";
+
+/// A request executes a statement whose result shape changed since the client prepared it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{SHAPE_CHANGED}")]
+pub struct ShapeChanged;
 
 /// One client's statements.
 #[derive(Debug)]
@@ -94,6 +109,8 @@ impl ClientStatements {
             parse: BytesMut::from(frame.raw()),
             class: parsed.class,
             changes: parsed.changes,
+            shape: OnceLock::new(),
+            broken: AtomicBool::new(false),
         };
         self.unnamed = Some((self.seq, Arc::new(stmt)));
     }
@@ -184,15 +201,23 @@ impl ServerStatements {
 /// A response the proxy must account for, in the order the server will answer.
 #[derive(Debug)]
 pub enum Expect {
-    /// ParseComplete; `name` is the server-side name added to the connection's set.
+    /// ParseComplete; `name` is the server-side name added to the connection's set;
+    /// `client` the client's name for a Parse the client sent ("" for the unnamed statement).
     Parse {
         injected: bool,
         name: Option<String>,
+        client: Option<String>,
     },
     /// CloseComplete; `name` is the statement removed from the set.
     Close {
         injected: bool,
         name: Option<String>,
+    },
+    /// The answer to a Describe: ParameterDescription (of a statement) and then
+    /// RowDescription or NoData. An injected one records the statement's shape.
+    Describe {
+        statement: bool,
+        record: Option<Arc<Statement>>,
     },
     /// ReadyForQuery (after Sync, Query or FunctionCall); `sync` for a Sync, which the
     /// server ignores while in COPY FROM STDIN.
@@ -215,6 +240,10 @@ pub struct Rewriter<'a> {
     pub max_prepared: usize,
     /// Classifications already made for the Parses being pushed, in order.
     pub parsed: std::slice::Iter<'a, Parsed>,
+    /// Refuse to prepare again, unchecked, a statement whose shape is known: `unverified`
+    /// is set and the connection's set is left as it was (a lane cannot check first).
+    pub refuse_unverified: bool,
+    pub unverified: bool,
 }
 
 /// What a Parse prepares: its routing class and the session changes executing it makes.
@@ -226,14 +255,15 @@ pub struct Parsed {
 
 struct ParseView<'a> {
     name: &'a str,
-    query: &'a str,
+    /// In the client's encoding: forwarded as bytes, decoded only to classify.
+    query: &'a [u8],
     rest: &'a [u8],
 }
 
 fn parse_view(frame: &Frame) -> Result<ParseView<'_>, ProtocolError> {
     let mut b = frame.body();
     let name = get_cstr(&mut b)?;
-    let query = get_cstr(&mut b)?;
+    let query = get_cbytes(&mut b)?;
     Ok(ParseView {
         name,
         query,
@@ -258,9 +288,14 @@ fn target_view(frame: &Frame) -> Result<(u8, &str), ProtocolError> {
     Ok((*kind, get_cstr(&mut b)?))
 }
 
-/// The SQL of a Parse message (for classification without a rewrite).
-pub fn parse_query(frame: &Frame) -> Result<(&str, &str), ProtocolError> {
-    parse_view(frame).map(|p| (p.name, p.query))
+/// The statement name and SQL of a Parse message (for classification without a rewrite).
+pub fn parse_query(frame: &Frame) -> Result<(&str, std::borrow::Cow<'_, str>), ProtocolError> {
+    parse_view(frame).map(|p| (p.name, String::from_utf8_lossy(p.query)))
+}
+
+/// The statement name of a Parse message.
+pub fn parse_name(frame: &Frame) -> Result<&str, ProtocolError> {
+    parse_view(frame).map(|p| p.name)
 }
 
 /// The statement name a Bind refers to.
@@ -274,7 +309,7 @@ pub fn bind_statement(frame: &Frame) -> Result<&str, ProtocolError> {
 pub fn is_self_contained(frames: &[Frame]) -> bool {
     matches!(frames.split_first(), Some((parse, rest))
         if parse.tag == frontend::PARSE
-            && parse_query(parse).is_ok_and(|(name, _)| name.is_empty())
+            && parse_name(parse).is_ok_and(str::is_empty)
             && runs_unnamed_portal(rest) == Some(""))
 }
 
@@ -312,10 +347,11 @@ pub fn statement_target(frame: &Frame) -> Result<Option<&str>, ProtocolError> {
     target_view(frame).map(|(k, n)| (k == b'S').then_some(n))
 }
 
-fn encode_parse(out: &mut BytesMut, name: &str, query: &str, rest: &[u8]) {
+fn encode_parse(out: &mut BytesMut, name: &str, query: &[u8], rest: &[u8]) {
     write_message(out, frontend::PARSE, |b| {
         put_cstr(b, name);
-        put_cstr(b, query);
+        b.extend_from_slice(query);
+        b.put_u8(0);
         b.extend_from_slice(rest);
     });
 }
@@ -337,7 +373,8 @@ impl Rewriter<'_> {
                     Some(known) => known.clone(),
                     None => {
                         let mut changes = Vec::new();
-                        let a = changes_of(p.query, self.rules, &mut changes);
+                        let sql = String::from_utf8_lossy(p.query);
+                        let a = changes_of(&sql, self.rules, &mut changes);
                         Parsed {
                             class: StatementClass::from_analysis(&a),
                             changes,
@@ -351,6 +388,18 @@ impl Rewriter<'_> {
                     self.expect.push_back(Expect::Parse {
                         injected: false,
                         name: None,
+                        client: Some(String::new()),
+                    });
+                    return Ok(());
+                }
+                if let Some(existing) = self.ensure(p.name, out) {
+                    // PostgreSQL refuses a name in use (42P05): the server says so itself,
+                    // for the statement this connection now holds under that name.
+                    encode_parse(out, &existing, p.query, p.rest);
+                    self.expect.push_back(Expect::Parse {
+                        injected: false,
+                        name: None,
+                        client: None,
                     });
                     return Ok(());
                 }
@@ -362,14 +411,23 @@ impl Rewriter<'_> {
                 self.expect.push_back(Expect::Parse {
                     injected: false,
                     name: Some(server_name.clone()),
+                    client: Some(p.name.to_owned()),
                 });
-                let stmt = Statement {
+                let stmt = Arc::new(Statement {
                     server_name,
                     parse,
                     class,
                     changes,
-                };
-                self.client.named.insert(p.name.to_owned(), Arc::new(stmt));
+                    shape: OnceLock::new(),
+                    broken: AtomicBool::new(false),
+                });
+                // Learn its result shape in the same round trip (the answer is swallowed).
+                encode_target(out, frontend::DESCRIBE, b'S', &stmt.server_name);
+                self.expect.push_back(Expect::Describe {
+                    statement: true,
+                    record: Some(stmt.clone()),
+                });
+                self.client.named.insert(p.name.to_owned(), stmt);
             }
             frontend::BIND => {
                 let (portal, statement, rest) = bind_view(frame)?;
@@ -382,13 +440,17 @@ impl Rewriter<'_> {
                     None => out.extend_from_slice(frame.raw()),
                 }
             }
-            frontend::DESCRIBE => match target_view(frame)? {
-                (b'S', name) => match self.ensure(name, out) {
+            frontend::DESCRIBE => {
+                let (kind, name) = target_view(frame)?;
+                match (kind == b'S').then(|| self.ensure(name, out)).flatten() {
                     Some(server_name) => encode_target(out, frontend::DESCRIBE, b'S', &server_name),
                     None => out.extend_from_slice(frame.raw()),
-                },
-                _ => out.extend_from_slice(frame.raw()),
-            },
+                }
+                self.expect.push_back(Expect::Describe {
+                    statement: kind == b'S',
+                    record: None,
+                });
+            }
             frontend::CLOSE => {
                 let (kind, name) = target_view(frame)?;
                 let known = (kind == b'S' && !name.is_empty())
@@ -442,6 +504,7 @@ impl Rewriter<'_> {
                     self.expect.push_back(Expect::Parse {
                         injected: true,
                         name: None,
+                        client: None,
                     });
                     self.server.unnamed_owner = Some(me);
                 }
@@ -450,11 +513,18 @@ impl Rewriter<'_> {
         }
         let stmt = self.client.named.get(name)?.clone();
         if !self.server.touch(&stmt.server_name) {
+            if stmt.shape.get().is_some() {
+                self.unverified = true;
+                if self.refuse_unverified {
+                    return Some(stmt.server_name.clone());
+                }
+            }
             self.add_to_server(&stmt.server_name, out);
             out.extend_from_slice(&stmt.parse);
             self.expect.push_back(Expect::Parse {
                 injected: true,
                 name: Some(stmt.server_name.clone()),
+                client: None,
             });
         }
         Some(stmt.server_name.clone())
@@ -478,11 +548,36 @@ impl Rewriter<'_> {
 /// Accounts for one server response: whether to pass it to the client.
 pub fn on_response(
     tag: u8,
+    body: &[u8],
     expect: &mut VecDeque<Expect>,
     server: &mut ServerStatements,
 ) -> Disposition {
     use crate::protocol::backend;
     match tag {
+        backend::PARAMETER_DESCRIPTION => match expect.front() {
+            Some(Expect::Describe {
+                record: Some(_), ..
+            }) => Disposition::Swallow,
+            _ => Disposition::Forward,
+        },
+        backend::ROW_DESCRIPTION | backend::NO_DATA
+            if matches!(expect.front(), Some(Expect::Describe { .. })) =>
+        {
+            match expect.pop_front() {
+                Some(Expect::Describe {
+                    record: Some(stmt), ..
+                }) => {
+                    let shape = if tag == backend::NO_DATA {
+                        Vec::new()
+                    } else {
+                        body.to_vec()
+                    };
+                    let _ = stmt.shape.set(shape);
+                    Disposition::Swallow
+                }
+                _ => Disposition::Forward,
+            }
+        }
         b'1' => match expect.pop_front() {
             Some(Expect::Parse { injected: true, .. }) => Disposition::Swallow,
             _ => Disposition::Forward,
@@ -515,6 +610,164 @@ pub fn on_response(
             Disposition::Forward
         }
         _ => Disposition::Forward,
+    }
+}
+
+/// The client's Parses an ErrorResponse undoes: the one that failed and those the server
+/// skips up to the next Sync, as (client name, server name); "" names the unnamed statement.
+/// Call before `on_response` consumes the expectations.
+pub fn failed_parses(expect: &VecDeque<Expect>) -> Vec<(String, Option<String>)> {
+    expect
+        .iter()
+        .take_while(|e| !matches!(e, Expect::Ready { .. }))
+        .filter_map(|e| match e {
+            Expect::Parse {
+                injected: false,
+                name,
+                client: Some(c),
+            } => Some((c.clone(), name.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+impl ClientStatements {
+    /// Forgets a statement whose Parse failed: it never existed for PostgreSQL.
+    pub fn parse_failed(&mut self, client: &str, server: Option<&str>) {
+        if client.is_empty() {
+            self.unnamed = None;
+        } else if self
+            .named
+            .get(client)
+            .is_some_and(|s| Some(s.server_name.as_str()) == server)
+        {
+            self.named.remove(client);
+        }
+    }
+
+    /// The client's name for one of its statements' server-side names.
+    pub fn client_name_of(&self, server_name: &str) -> Option<&str> {
+        self.named
+            .iter()
+            .find(|(_, s)| s.server_name == server_name)
+            .map(|(n, _)| n.as_str())
+    }
+
+    /// `text` (a server message) with the proxy's quoted statement names put back as the
+    /// client's; `None` when it names none.
+    pub fn unrename(&self, text: &[u8]) -> Option<Vec<u8>> {
+        const OPEN: &[u8] = b"\"pgp";
+        let mut out = Vec::new();
+        let mut rest = text;
+        let mut changed = false;
+        while let Some(at) = rest.windows(OPEN.len()).position(|w| w == OPEN) {
+            let name_start = at + 1;
+            let Some(len) = rest[name_start..].iter().position(|&b| b == b'"') else {
+                break;
+            };
+            let name = std::str::from_utf8(&rest[name_start..name_start + len]).ok();
+            out.extend_from_slice(&rest[..name_start]);
+            match name.and_then(|n| self.client_name_of(n)) {
+                Some(client) => {
+                    out.extend_from_slice(client.as_bytes());
+                    changed = true;
+                }
+                None => out.extend_from_slice(&rest[name_start..name_start + len]),
+            }
+            rest = &rest[name_start + len..];
+        }
+        out.extend_from_slice(rest);
+        changed.then_some(out)
+    }
+}
+
+/// The client's statements that `frames` executes (Bind) or describes, whose shape is known
+/// and which the connection lacks: they must be prepared and checked before the request
+/// runs. `Err(ShapeChanged)` when one it executes is known to have changed shape.
+pub fn unchecked_statements(
+    frames: &[Frame],
+    client: &ClientStatements,
+    server: &ServerStatements,
+) -> Result<Vec<Arc<Statement>>, ShapeChanged> {
+    let mut out: Vec<Arc<Statement>> = Vec::new();
+    for f in frames {
+        let (name, executes) = match f.tag {
+            frontend::BIND => match bind_view(f) {
+                Ok((_, s, _)) => (s, true),
+                Err(_) => continue,
+            },
+            frontend::DESCRIBE => match target_view(f) {
+                Ok((b'S', s)) => (s, false),
+                _ => continue,
+            },
+            frontend::PARSE => return Ok(out),
+            _ => continue,
+        };
+        let Some(stmt) = (!name.is_empty()).then(|| client.named.get(name)).flatten() else {
+            continue;
+        };
+        if executes && stmt.broken.load(Ordering::Relaxed) {
+            return Err(ShapeChanged);
+        }
+        if stmt.shape.get().is_some()
+            && !server.names.contains_key(&stmt.server_name)
+            && !out.iter().any(|s| Arc::ptr_eq(s, stmt))
+        {
+            out.push(stmt.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// Prepares `stmts` on a connection and describes them, then Sync: the check before a
+/// re-Parse. The connection's set records them; `on_check_answer` settles each one.
+pub fn check_request(
+    stmts: &[Arc<Statement>],
+    server: &mut ServerStatements,
+    max_prepared: usize,
+) -> (BytesMut, usize) {
+    let mut out = BytesMut::new();
+    let mut closes = 0;
+    for stmt in stmts {
+        if let Some(evicted) = server.insert(stmt.server_name.clone(), max_prepared) {
+            encode_target(&mut out, frontend::CLOSE, b'S', &evicted);
+            closes += 1;
+        }
+        out.extend_from_slice(&stmt.parse);
+        encode_target(&mut out, frontend::DESCRIBE, b'S', &stmt.server_name);
+    }
+    write_message(&mut out, frontend::SYNC, |_| {});
+    (out, closes)
+}
+
+/// Settles the answer to `check_request`, one server message at a time; `next` is the index
+/// of the statement being answered. A changed shape marks the statement broken; an error
+/// (the server skips the rest) leaves the unanswered ones unprepared.
+pub fn on_check_answer(
+    tag: u8,
+    body: &[u8],
+    stmts: &[Arc<Statement>],
+    next: &mut usize,
+    server: &mut ServerStatements,
+) {
+    use crate::protocol::backend;
+    match tag {
+        backend::ROW_DESCRIPTION | backend::NO_DATA => {
+            if let Some(stmt) = stmts.get(*next) {
+                let now: &[u8] = if tag == backend::NO_DATA { &[] } else { body };
+                if stmt.shape.get().is_some_and(|then| then.as_slice() != now) {
+                    stmt.broken.store(true, Ordering::Relaxed);
+                }
+            }
+            *next += 1;
+        }
+        backend::ERROR_RESPONSE => {
+            for stmt in stmts.get(*next..).unwrap_or_default() {
+                server.remove(&stmt.server_name);
+            }
+            *next = stmts.len();
+        }
+        _ => {}
     }
 }
 

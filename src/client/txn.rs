@@ -25,6 +25,9 @@ use crate::protocol::{MessageReader, ProtocolError, sqlstate};
 use crate::router::classify::{FunctionRules, Route};
 use crate::router::{ClientRoute, LoadGuard, Target, decide, pick_replica, primary_wait};
 
+/// How often a write waiting for the primary tries the elected one again.
+const PRIMARY_RETRY: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// A borrowed server connection and what it is.
 pub(super) struct Held<'s> {
     pub conn: PooledConn,
@@ -50,6 +53,9 @@ pub(super) struct Txn<'a, R, W> {
     pub last_write: Option<Instant>,
     /// The server of an open transaction was lost: answer until the client rolls back.
     pub failed_tx: bool,
+    /// The server of a transaction the client was idle in was lost; the next request gets
+    /// this reason with `08006`.
+    pub lost_tx: Option<String>,
     /// Extended-protocol messages are discarded up to the next Sync after an error.
     pub discard_until_sync: bool,
     pub status: TxStatus,
@@ -67,6 +73,17 @@ pub(super) struct Txn<'a, R, W> {
     pub client: Arc<crate::registry::ClientEntry>,
 }
 
+/// What the proxy does with a statement it may answer itself.
+pub(super) enum LocalReply {
+    /// The reply is written.
+    Answered,
+    /// The server must run it.
+    Forward,
+    /// It fails with this error; inside a transaction the server must raise it so that the
+    /// transaction aborts there too.
+    Raise { code: &'static str, message: String },
+}
+
 /// How serving on one borrowed connection ended.
 pub(super) enum BusyEnd {
     Released,
@@ -79,6 +96,12 @@ pub(super) enum BusyEnd {
         readies: usize,
         in_tx: bool,
     },
+    /// The server died while the client was idle inside a transaction: its next request
+    /// gets `08006` and the transaction is gone.
+    TxLost(String),
+    /// The server died holding session state the client relies on (pinned): the client is
+    /// closed with FATAL `08006`.
+    SessionLost(String),
     ClientGone,
     Protocol(ProtocolError),
     Shutdown,
@@ -145,16 +168,19 @@ where
                 {
                     // Tell the prober at once: a crash is confirmed by probes, not by us.
                     self.shared.cluster.probe_now(node);
+                    // A new primary is taken at once; the same one is tried again shortly
+                    // (it may be restarting).
                     let name = self.shared.cluster.view().nodes[node].name.clone();
-                    match self
+                    let retry_at = (Instant::now() + PRIMARY_RETRY).min(primary_deadline);
+                    let elected = self
                         .shared
                         .cluster
-                        .wait_for_new_primary(&name, primary_deadline)
-                        .await
-                    {
-                        Some(_) => continue,
-                        None => return self.fail_request(&e, unit.readies()).await,
+                        .wait_for_new_primary(&name, retry_at)
+                        .await;
+                    if elected.is_none() && Instant::now() >= primary_deadline {
+                        return self.fail_request(&e, unit.readies()).await;
                     }
+                    continue;
                 }
                 Err(e) => return self.fail_request(&e, unit.readies()).await,
             };
@@ -181,6 +207,15 @@ where
                 } => {
                     self.shared.cluster.probe_now(node);
                     return self.report_lost(&why, readies, in_tx).await;
+                }
+                BusyEnd::TxLost(why) => {
+                    self.shared.cluster.probe_now(node);
+                    self.lost_tx = Some(why);
+                    return Ok(());
+                }
+                BusyEnd::SessionLost(why) => {
+                    self.shared.cluster.probe_now(node);
+                    return Err(ClientError::ServerLost(why));
                 }
                 BusyEnd::ClientGone => return Err(ProtocolError::Closed.into()),
                 BusyEnd::Protocol(e) => return Err(e.into()),
@@ -236,6 +271,22 @@ where
         m: &super::unit::Meaning,
     ) -> Result<bool, ClientError> {
         let mut out = BytesMut::new();
+        if let Some(why) = self.lost_tx.take() {
+            // Nothing of the request runs: the transaction it belongs to is gone. A request
+            // that only ends the transaction leaves the client outside one, as a failed
+            // COMMIT does; anything else leaves it in a failed transaction.
+            let msg = format!(
+                "server connection lost while the transaction was idle ({why}); the transaction was rolled back"
+            );
+            if m.ends_tx_only {
+                self.status = TxStatus::Idle;
+            } else {
+                self.failed_tx = true;
+                self.status = TxStatus::Failed;
+            }
+            self.error_then_ready(&mut out, sqlstate::CONNECTION_FAILURE, &msg, unit);
+            return self.send(&out).await.map(|_| true);
+        }
         if self.failed_tx {
             if m.ends_tx_only {
                 self.failed_tx = false;
@@ -255,42 +306,76 @@ where
             }
             return self.send(&out).await.map(|_| true);
         }
-        if let Some(route) = m.route_setting_only {
-            match route {
-                Some(r) => {
-                    self.route_setting = r;
-                    backend::command_complete(&mut out, "SET");
-                    backend::ready_for_query(&mut out, self.status);
-                }
-                None => {
-                    let msg = "invalid value for parameter \"pgpilot.route\": use primary, replica or auto";
-                    self.error_then_ready(&mut out, "22023", msg, unit);
-                }
+        match self.local_reply(m, &mut out) {
+            LocalReply::Answered => self.send(&out).await.map(|_| true),
+            LocalReply::Forward => Ok(false),
+            LocalReply::Raise { code, message } => {
+                // No transaction is open on any server: the error is the whole answer.
+                self.error_then_ready(&mut out, code, &message, unit);
+                self.send(&out).await.map(|_| true)
             }
-            return self.send(&out).await.map(|_| true);
         }
-        let lone_change = unit.simple_sql().is_some() && m.changes.len() == 1 && !self.pinned;
-        let tag = match m.changes.first() {
-            Some(Change::Deallocate { name }) if lone_change => {
+    }
+
+    /// The statements the proxy answers itself whether or not the client holds a server
+    /// connection: `SET pgpilot.route`, `DEALLOCATE` (the client's statement names are not the
+    /// server's), `DISCARD ALL` outside a transaction. In a failed transaction the server's
+    /// own error is the right answer, and an unknown `DEALLOCATE` name inside a transaction
+    /// must abort it on the server: those are forwarded.
+    pub(super) fn local_reply(
+        &mut self,
+        m: &super::unit::Meaning,
+        out: &mut BytesMut,
+    ) -> LocalReply {
+        if self.status == TxStatus::Failed || !m.single_statement {
+            return LocalReply::Forward;
+        }
+        if let Some(route) = m.route_setting_only {
+            let Some(r) = route else {
+                return LocalReply::Raise {
+                    code: sqlstate::INVALID_PARAMETER_VALUE,
+                    message: "invalid value for parameter \"pgpilot.route\": use primary, replica or auto".into(),
+                };
+            };
+            self.route_setting = r;
+            backend::command_complete(out, "SET");
+            backend::ready_for_query(out, self.status);
+            return LocalReply::Answered;
+        }
+        if m.changes.len() != 1 {
+            return LocalReply::Forward;
+        }
+        // A pinned session may hold statements made with SQL PREPARE, which only its server
+        // knows: names the proxy does not know go there.
+        let tag = match &m.changes[0] {
+            Change::Deallocate { name }
+                if !name.is_empty() && self.statements.get(name).is_some() =>
+            {
                 self.statements.remove(name);
                 "DEALLOCATE"
             }
-            Some(Change::DeallocateAll) if lone_change => {
+            Change::Deallocate { name } if self.status == TxStatus::Idle && !self.pinned => {
+                return LocalReply::Raise {
+                    code: sqlstate::UNDEFINED_PSTATEMENT,
+                    message: format!("prepared statement \"{name}\" does not exist"),
+                };
+            }
+            Change::DeallocateAll if !self.pinned => {
                 self.statements.clear();
                 "DEALLOCATE ALL"
             }
-            Some(Change::DiscardAll) if lone_change && self.status == TxStatus::Idle => {
+            Change::DiscardAll if self.status == TxStatus::Idle && !self.pinned => {
                 self.statements.clear();
                 self.settings = self.startup_settings.clone();
                 self.route_setting = Route::Auto;
                 self.session_read_only = false;
                 "DISCARD ALL"
             }
-            _ => return Ok(false),
+            _ => return LocalReply::Forward,
         };
-        backend::command_complete(&mut out, tag);
-        backend::ready_for_query(&mut out, self.status);
-        self.send(&out).await.map(|_| true)
+        backend::command_complete(out, tag);
+        backend::ready_for_query(out, self.status);
+        LocalReply::Answered
     }
 
     /// The node for `target`: an eligible replica, else the elected primary (waiting for one).

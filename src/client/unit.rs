@@ -7,7 +7,9 @@ use crate::protocol::frontend;
 use crate::router::Intent;
 use crate::router::classify::{Analysis, FunctionRules, Route, SessionChange, analyze};
 
-use super::prepared::{ClientStatements, Parsed, StatementClass, bind_statement, parse_query};
+use super::prepared::{
+    ClientStatements, Parsed, StatementClass, bind_statement, parse_name, parse_query,
+};
 
 /// Messages routed together.
 #[derive(Debug, Default)]
@@ -45,14 +47,6 @@ impl Unit {
             .iter()
             .all(|f| matches!(f.tag, frontend::SYNC | frontend::FLUSH))
     }
-
-    /// The SQL text of a lone simple Query.
-    pub fn simple_sql(&self) -> Option<&str> {
-        match self.frames.as_slice() {
-            [f] if f.tag == frontend::QUERY => frontend::parse_query(f).ok(),
-            _ => None,
-        }
-    }
 }
 
 /// A session change the proxy applies once the request that made it succeeds.
@@ -69,6 +63,13 @@ pub enum Change {
     SessionReadOnly { read_only: bool, statement: String },
 }
 
+impl Change {
+    /// Whether a rollback undoes it. PostgreSQL's deallocations take effect at once.
+    pub fn is_transactional(&self) -> bool {
+        !matches!(self, Change::Deallocate { .. } | Change::DeallocateAll)
+    }
+}
+
 /// What a unit means: routing intent, the changes it makes, whether every statement in it
 /// only ends a transaction.
 #[derive(Debug, Default)]
@@ -80,6 +81,8 @@ pub struct Meaning {
     pub route_setting_only: Option<Option<Route>>,
     /// What each Parse in the unit prepares, in order (so it is classified only once).
     pub parsed: Vec<Parsed>,
+    /// A lone simple Query holding exactly one statement.
+    pub single_statement: bool,
 }
 
 /// Records the session changes a statement text makes; returns its classification.
@@ -100,8 +103,12 @@ pub(super) fn changes_of<'s>(
             },
             SessionChange::ResetAll => Change::ResetAll,
             SessionChange::DiscardAll => Change::DiscardAll,
-            SessionChange::Deallocate { name } => Change::Deallocate {
-                name: (*name).to_owned(),
+            SessionChange::Deallocate { name, quoted } => Change::Deallocate {
+                name: if *quoted {
+                    name.replace("\"\"", "\"")
+                } else {
+                    name.to_ascii_lowercase()
+                },
             },
             SessionChange::DeallocateAll => Change::DeallocateAll,
         });
@@ -139,13 +146,19 @@ pub fn meaning(unit: &Unit, statements: &ClientStatements, rules: &FunctionRules
     for f in &unit.frames {
         match f.tag {
             frontend::QUERY | frontend::PARSE => {
-                let sql = if f.tag == frontend::QUERY {
-                    frontend::parse_query(f).unwrap_or_default()
+                let text = if f.tag == frontend::QUERY {
+                    frontend::query_text(f)
                 } else {
-                    parse_query(f).map(|(_, q)| q).unwrap_or_default()
+                    parse_query(f).map(|(_, q)| q)
+                };
+                let Ok(sql) = text else {
+                    // Unreadable: the server will reject it; route it as a write.
+                    m.intent.read_only = false;
+                    m.ends_tx_only = false;
+                    continue;
                 };
                 let mut own = Vec::new();
-                let a = changes_of(sql, rules, &mut own);
+                let a = changes_of(&sql, rules, &mut own);
                 m.changes.extend(own.iter().cloned());
                 if f.tag == frontend::PARSE {
                     m.parsed.push(Parsed {
@@ -159,14 +172,17 @@ pub fn meaning(unit: &Unit, statements: &ClientStatements, rules: &FunctionRules
                 m.intent.sticky |= a.pins;
                 m.ends_tx_only &= a.ends_tx;
                 saw_statement = true;
-                if f.tag == frontend::QUERY && a.statements == 1 && a.route_statement {
-                    m.route_setting_only = Some(a.route_setting);
+                if f.tag == frontend::QUERY && a.statements == 1 {
+                    m.single_statement = unit.frames.len() == 1;
+                    if a.route_statement {
+                        m.route_setting_only = Some(a.route_setting);
+                    }
                 }
             }
             frontend::BIND => {
                 let earlier = bind_statement(f).ok().and_then(|name| {
                     let parsed_here = unit.frames.iter().any(|p| {
-                        p.tag == frontend::PARSE && parse_query(p).is_ok_and(|(n, _)| n == name)
+                        p.tag == frontend::PARSE && parse_name(p).is_ok_and(|n| n == name)
                     });
                     if parsed_here {
                         None

@@ -453,7 +453,8 @@ async fn answer<R: tokio::io::AsyncRead + Unpin>(
             let mut held = lane.statements.lock();
             match held.as_mut() {
                 Some(statements) => {
-                    on_response(frame.tag, &mut head.expect, statements) == Disposition::Forward
+                    on_response(frame.tag, frame.body(), &mut head.expect, statements)
+                        == Disposition::Forward
                 }
                 None => true,
             }

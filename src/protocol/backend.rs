@@ -3,7 +3,7 @@
 
 use bytes::{BufMut, BytesMut};
 
-use super::codec::{get_cstr, put_cstr, write_message};
+use super::codec::{get_cstr, get_text, put_cstr, write_message};
 use super::startup::BackendKey;
 use super::{Frame, ProtocolError};
 
@@ -15,6 +15,12 @@ pub const EMPTY_QUERY: u8 = b'I';
 pub const ERROR_RESPONSE: u8 = b'E';
 pub const NEGOTIATE_PROTOCOL_VERSION: u8 = b'v';
 pub const NOTICE_RESPONSE: u8 = b'N';
+pub const NO_DATA: u8 = b'n';
+pub const PARAMETER_DESCRIPTION: u8 = b't';
+pub const PARSE_COMPLETE: u8 = b'1';
+pub const BIND_COMPLETE: u8 = b'2';
+pub const CLOSE_COMPLETE: u8 = b'3';
+pub const COPY_IN_RESPONSE: u8 = b'G';
 pub const PARAMETER_STATUS: u8 = b'S';
 pub const READY_FOR_QUERY: u8 = b'Z';
 pub const ROW_DESCRIPTION: u8 = b'T';
@@ -96,12 +102,13 @@ impl ErrorFields {
                 break;
             }
             b = rest;
-            let value = get_cstr(&mut b)?;
+            // Messages come in the client's encoding: read, never required to be UTF-8.
+            let value = get_text(&mut b)?;
             match kind {
-                b'V' => value.clone_into(&mut out.severity),
-                b'S' if out.severity.is_empty() => value.clone_into(&mut out.severity),
-                b'C' => value.clone_into(&mut out.code),
-                b'M' => value.clone_into(&mut out.message),
+                b'V' => out.severity = value.into_owned(),
+                b'S' if out.severity.is_empty() => out.severity = value.into_owned(),
+                b'C' => out.code = value.into_owned(),
+                b'M' => out.message = value.into_owned(),
                 _ => {}
             }
         }
@@ -113,6 +120,42 @@ impl std::fmt::Display for ErrorFields {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}: {} ({})", self.severity, self.message, self.code)
     }
+}
+
+/// An ErrorResponse or NoticeResponse with its message field (`M`) replaced by what `f`
+/// makes of it; `None` when `f` changes nothing. Other fields are kept byte for byte.
+pub fn rewrite_message(frame: &Frame, f: impl Fn(&[u8]) -> Option<Vec<u8>>) -> Option<BytesMut> {
+    let mut fields = Vec::new();
+    let mut b = frame.body();
+    let mut changed = false;
+    while let [kind, rest @ ..] = b {
+        if *kind == 0 {
+            break;
+        }
+        b = rest;
+        let value = super::codec::get_cbytes(&mut b).ok()?;
+        let value = match (*kind == b'M').then(|| f(value)).flatten() {
+            Some(v) => {
+                changed = true;
+                std::borrow::Cow::Owned(v)
+            }
+            None => std::borrow::Cow::Borrowed(value),
+        };
+        fields.push((*kind, value));
+    }
+    if !changed {
+        return None;
+    }
+    let mut out = BytesMut::new();
+    write_message(&mut out, frame.tag, |buf| {
+        for (kind, value) in &fields {
+            buf.put_u8(*kind);
+            buf.extend_from_slice(value);
+            buf.put_u8(0);
+        }
+        buf.put_u8(0);
+    });
+    Some(out)
 }
 
 /// Severity of an error the proxy raises.

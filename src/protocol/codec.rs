@@ -135,14 +135,29 @@ pub fn put_cstr(buf: &mut BytesMut, s: &str) {
 
 /// Reads a NUL-terminated string from the front of `src`, advancing it.
 pub fn get_cstr<'a>(src: &mut &'a [u8]) -> Result<&'a str, ProtocolError> {
+    let rest = *src;
+    let bytes = get_cbytes(src)?;
+    std::str::from_utf8(bytes).map_err(|_| {
+        *src = rest;
+        ProtocolError::Malformed("invalid UTF-8 in string")
+    })
+}
+
+/// A NUL-terminated string as bytes: text in the client's encoding, which need not be UTF-8.
+pub fn get_cbytes<'a>(src: &mut &'a [u8]) -> Result<&'a [u8], ProtocolError> {
     let end = src
         .iter()
         .position(|&b| b == 0)
         .ok_or(ProtocolError::Malformed("missing string terminator"))?;
-    let s = std::str::from_utf8(&src[..end])
-        .map_err(|_| ProtocolError::Malformed("invalid UTF-8 in string"))?;
+    let s = &src[..end];
     *src = &src[end + 1..];
     Ok(s)
+}
+
+/// A NUL-terminated string decoded for reading (invalid UTF-8 replaced): for text the proxy
+/// only inspects, such as SQL to classify or an error message to log.
+pub fn get_text<'a>(src: &mut &'a [u8]) -> Result<std::borrow::Cow<'a, str>, ProtocolError> {
+    get_cbytes(src).map(String::from_utf8_lossy)
 }
 
 #[cfg(test)]

@@ -44,10 +44,18 @@ pub fn expects_ready(tag: u8) -> bool {
     matches!(tag, QUERY | SYNC | FUNCTION_CALL)
 }
 
-/// `Query { sql }`.
+/// `Query { sql }`, strictly UTF-8.
 pub fn parse_query(frame: &Frame) -> Result<&str, ProtocolError> {
     let mut b = frame.body();
     get_cstr(&mut b)
+}
+
+/// `Query { sql }` for classification: text in the client's encoding, decoded with invalid
+/// UTF-8 replaced (keywords and punctuation are ASCII in every encoding PostgreSQL allows
+/// for clients).
+pub fn query_text(frame: &Frame) -> Result<std::borrow::Cow<'_, str>, ProtocolError> {
+    let mut b = frame.body();
+    super::codec::get_text(&mut b)
 }
 
 /// SASLInitialResponse: mechanism name and the initial client response.

@@ -31,8 +31,11 @@ pub enum SessionChange<'a> {
     },
     ResetAll,
     DiscardAll,
+    /// `name` as written: a quoted identifier's contents, or a word PostgreSQL folds to
+    /// lower case.
     Deallocate {
         name: &'a str,
+        quoted: bool,
     },
     DeallocateAll,
 }
@@ -381,7 +384,11 @@ fn finish<'a>(a: &mut Analysis<'a>, s: &Scan<'a>, sql: &'a str) {
             if s.is(i, "all") {
                 push_change(a, SessionChange::DeallocateAll);
             } else {
-                push_change(a, SessionChange::Deallocate { name: s.word(i) });
+                let (name, quoted) = match s.head.get(i).copied().flatten() {
+                    Some(Token::Quoted(q)) => (q, true),
+                    _ => (s.word(i), false),
+                };
+                push_change(a, SessionChange::Deallocate { name, quoted });
             }
             true
         }

@@ -209,9 +209,11 @@ where
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+pub mod diff;
 pub mod load;
 pub mod raw;
 pub mod relay;
+pub mod talk;
 pub mod tls;
 
 /// Polls `sql` on node `i` (psql as the superuser) until its output satisfies `ok`.

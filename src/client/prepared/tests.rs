@@ -58,6 +58,8 @@ fn send(
         rules: &rules,
         max_prepared: max,
         parsed: [].iter(),
+        refuse_unverified: false,
+        unverified: false,
     };
     for f in frames {
         rw.push(&f, &mut out).unwrap();
@@ -84,14 +86,38 @@ fn named_statements_are_renamed_and_reparsed_on_another_connection() {
     );
     let sn = sent[0].1.clone();
     assert!(sn.starts_with("pgp7_"), "{sn}");
-    assert_eq!(sent, [(b'P', sn.clone()), (b'S', String::new())]);
-    // The server answers ParseComplete and ReadyForQuery: both forwarded.
+    // The Parse is followed by a Describe of the proxy's own, to learn the result shape.
     assert_eq!(
-        on_response(b'1', &mut a.expect, &mut a.server),
+        sent,
+        [
+            (b'P', sn.clone()),
+            (b'D', sn.clone()),
+            (b'S', String::new())
+        ]
+    );
+    // ParseComplete and ReadyForQuery are forwarded; the Describe's answer is swallowed and
+    // recorded as the statement's shape.
+    assert_eq!(
+        on_response(b'1', &[], &mut a.expect, &mut a.server),
         Disposition::Forward
     );
     assert_eq!(
-        on_response(b'Z', &mut a.expect, &mut a.server),
+        on_response(b't', &[0, 0], &mut a.expect, &mut a.server),
+        Disposition::Swallow
+    );
+    assert_eq!(
+        on_response(b'T', b"shape", &mut a.expect, &mut a.server),
+        Disposition::Swallow
+    );
+    assert_eq!(
+        client
+            .get("s1")
+            .and_then(|s| s.shape.get())
+            .map(Vec::as_slice),
+        Some(&b"shape"[..])
+    );
+    assert_eq!(
+        on_response(b'Z', &[], &mut a.expect, &mut a.server),
         Disposition::Forward
     );
 
@@ -120,11 +146,11 @@ fn named_statements_are_renamed_and_reparsed_on_another_connection() {
         ]
     );
     assert_eq!(
-        on_response(b'1', &mut b.expect, &mut b.server),
+        on_response(b'1', &[], &mut b.expect, &mut b.server),
         Disposition::Swallow
     );
     assert_eq!(
-        on_response(b'2', &mut b.expect, &mut b.server),
+        on_response(b'2', &[], &mut b.expect, &mut b.server),
         Disposition::Forward
     );
 }
@@ -162,7 +188,7 @@ fn lru_evicts_with_close_and_swallows_it() {
         2,
     );
     let sent = send(&mut client, &mut a, vec![parse("c", "SELECT 3")], 2);
-    assert_eq!(sent.len(), 2);
+    assert_eq!(sent.len(), 3, "{sent:?}");
     assert_eq!(sent[0].0, b'C', "the oldest statement is closed first");
     assert_eq!(a.server.len(), 2);
     a.expect.clear();
@@ -171,7 +197,7 @@ fn lru_evicts_with_close_and_swallows_it() {
         name: None,
     });
     assert_eq!(
-        on_response(b'3', &mut a.expect, &mut a.server),
+        on_response(b'3', &[], &mut a.expect, &mut a.server),
         Disposition::Swallow
     );
 }
@@ -207,13 +233,13 @@ fn an_error_undoes_skipped_parses() {
         10,
     );
     assert_eq!(a.server.len(), 1);
-    on_response(b'E', &mut a.expect, &mut a.server);
+    on_response(b'E', &[], &mut a.expect, &mut a.server);
     assert_eq!(
         a.server.len(),
         0,
         "the failed statement is not on the server"
     );
-    on_response(b'Z', &mut a.expect, &mut a.server);
+    on_response(b'Z', &[], &mut a.expect, &mut a.server);
     assert!(a.expect.is_empty());
 }
 
@@ -227,4 +253,88 @@ fn classes() {
         StatementClass::of("BEGIN READ ONLY", &rules).begin,
         Some(true)
     );
+}
+
+#[test]
+fn a_failed_parse_forgets_the_statement_and_a_reused_name_fails_on_the_server() {
+    let mut client = ClientStatements::new(3);
+    let mut a = conn();
+    send(&mut client, &mut a, vec![parse("s", "SELECT 1")], 10);
+    // The server rejects the Parse (an aborted transaction, a syntax error...).
+    let failed = failed_parses(&a.expect);
+    assert_eq!(failed.len(), 1);
+    client.parse_failed(&failed[0].0, failed[0].1.as_deref());
+    assert!(client.get("s").is_none(), "it never existed for PostgreSQL");
+
+    // A name in use is sent under the statement's own server name: the server says 42P05.
+    let mut b = conn();
+    let sent = send(&mut client, &mut b, vec![parse("t", "SELECT 1")], 10);
+    let sn = sent[0].1.clone();
+    b.expect.clear();
+    let sent = send(&mut client, &mut b, vec![parse("t", "SELECT 2")], 10);
+    assert_eq!(sent, [(b'P', sn.clone())]);
+    assert!(
+        failed_parses(&b.expect).is_empty(),
+        "the old statement stays"
+    );
+    assert_eq!(
+        client
+            .unrename(format!("prepared statement \"{sn}\" already exists").as_bytes())
+            .as_deref(),
+        Some(&b"prepared statement \"t\" already exists"[..])
+    );
+}
+
+#[test]
+fn a_changed_shape_is_found_before_the_statement_runs_again() {
+    let mut client = ClientStatements::new(4);
+    let (mut a, mut b) = (conn(), conn());
+    send(&mut client, &mut a, vec![parse("s", "SELECT * FROM t")], 10);
+    on_response(b'1', &[], &mut a.expect, &mut a.server);
+    on_response(b'T', b"one column", &mut a.expect, &mut a.server);
+    let run = vec![bind("s"), frame(b'S', |_| {})];
+    let stmts = unchecked_statements(&run, &client, &b.server).unwrap();
+    assert_eq!(stmts.len(), 1, "the other connection must check it first");
+    let (out, _) = check_request(&stmts, &mut b.server, 10);
+    assert_eq!(
+        tags(out).iter().map(|t| t.0).collect::<Vec<_>>(),
+        [b'P', b'D', b'S']
+    );
+    let mut next = 0;
+    for (tag, body) in [
+        (b'1', &b""[..]),
+        (b't', &[0, 0][..]),
+        (b'T', &b"two columns"[..]),
+    ] {
+        on_check_answer(tag, body, &stmts, &mut next, &mut b.server);
+    }
+    assert!(stmts[0].broken.load(Ordering::Relaxed));
+    assert!(unchecked_statements(&run, &client, &b.server).is_err());
+    // On the original connection nothing needs checking (the server itself raises 0A000),
+    // but a known change is reported everywhere.
+    assert!(unchecked_statements(&run, &client, &a.server).is_err());
+}
+
+#[test]
+fn a_refused_rewrite_leaves_the_connection_set_as_it_was() {
+    let mut client = ClientStatements::new(5);
+    let (mut a, mut lane) = (conn(), conn());
+    send(&mut client, &mut a, vec![parse("s", "SELECT 1")], 10);
+    on_response(b'1', &[], &mut a.expect, &mut a.server);
+    on_response(b'T', b"shape", &mut a.expect, &mut a.server);
+    let rules = FunctionRules::default();
+    let mut out = BytesMut::new();
+    let mut rw = Rewriter {
+        client: &mut client,
+        server: &mut lane.server,
+        expect: &mut lane.expect,
+        rules: &rules,
+        max_prepared: 10,
+        parsed: [].iter(),
+        refuse_unverified: true,
+        unverified: false,
+    };
+    rw.push(&bind("s"), &mut out).unwrap();
+    assert!(rw.unverified, "a known shape must be checked first");
+    assert!(lane.server.is_empty(), "nothing was prepared there");
 }

@@ -188,7 +188,10 @@ fn transactions_hints_and_settings() {
     );
     assert_eq!(
         analyze("deallocate prepare s1", &rules).changes,
-        [SessionChange::Deallocate { name: "s1" }]
+        [SessionChange::Deallocate {
+            name: "s1",
+            quoted: false
+        }]
     );
     assert_eq!(
         analyze("DISCARD ALL", &rules).changes,

@@ -1,0 +1,220 @@
+//! The differential tester: the same client conversation runs directly against PostgreSQL and
+//! through pgpilot, and every backend message is compared (see `common::diff` for the few
+//! allowed differences and why). Seeded conversations run in transaction mode with a pool of
+//! two and clients churning beside them (so server connections really change hands), in
+//! session mode, and with read/write routing; fixed conversations pin down the defects found
+//! so far. `PGPILOT_DIFF_SEEDS` sets how many seeds each mode runs (CI: the default).
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use common::diff::{self, Step, first_divergence, msg};
+use common::{TestProxy, cluster, config, start_proxy};
+use pgpilot::config::{PoolMode, Routing};
+use pgpilot::demo::{DEMO_DATABASE, DEMO_PASSWORD, DEMO_USER};
+
+const LOGIN: (&str, &str, &str) = (DEMO_USER, DEMO_PASSWORD, DEMO_DATABASE);
+
+fn seeds() -> u64 {
+    std::env::var("PGPILOT_DIFF_SEEDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(25)
+}
+
+/// Clients that keep borrowing server connections through the proxy until dropped.
+struct Churn {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Churn {
+    async fn start(proxy: &TestProxy, clients: usize) -> Churn {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        for i in 0..clients {
+            let client = proxy.connect().await;
+            let stop = stop.clone();
+            tasks.push(tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let sql = if i % 2 == 0 {
+                        "SELECT 1"
+                    } else {
+                        "BEGIN; SELECT count(*) FROM accounts; COMMIT"
+                    };
+                    if client.batch_execute(sql).await.is_err() {
+                        return;
+                    }
+                }
+            }));
+        }
+        Churn { stop, tasks }
+    }
+
+    async fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Drops what a conversation may have left behind, on a connection of its own.
+async fn clean(table: &str) {
+    let port = cluster().port(0);
+    let steps = [Step::query(&format!("DROP TABLE IF EXISTS {table}"))];
+    diff::run(port, LOGIN, &steps).await;
+}
+
+/// Runs `steps` directly and through `proxy`; the first divergence, if any.
+async fn compare(proxy: &TestProxy, table: &str, steps: &[Step]) -> Option<String> {
+    clean(table).await;
+    let direct = diff::run(cluster().port(0), LOGIN, steps).await;
+    clean(table).await;
+    let proxied = diff::run(proxy.port(), LOGIN, steps).await;
+    first_divergence(steps, &direct, &proxied)
+}
+
+async fn seeded(proxy: &TestProxy, base: u64, flush: bool, session_state: bool) {
+    let churn = Churn::start(proxy, 2).await;
+    let mut failures = Vec::new();
+    for seed in base..base + seeds() {
+        let steps = common::talk::conversation(seed, 40, flush, session_state);
+        if let Some(d) = compare(proxy, &format!("dt{seed}"), &steps).await {
+            failures.push(format!("seed {seed}: {d}"));
+            if failures.len() >= 3 {
+                break;
+            }
+        }
+    }
+    churn.stop().await;
+    assert!(failures.is_empty(), "divergences:\n{}", failures.join("\n"));
+}
+
+fn transaction_mode(pool_size: usize, routing: Routing) -> pgpilot::config::Config {
+    config(cluster(), |c| {
+        c.proxy.pool_size = pool_size;
+        c.databases[0].routing = routing;
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seeded_conversations_match_in_transaction_mode() {
+    let proxy = start_proxy(transaction_mode(2, Routing::Primary)).await;
+    seeded(&proxy, 1_000, true, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seeded_conversations_match_in_session_mode() {
+    let proxy = start_proxy(config(cluster(), |c| {
+        c.proxy.pool_size = 4;
+        c.proxy.pool_mode = PoolMode::Session;
+        c.databases[0].routing = Routing::Primary;
+    }))
+    .await;
+    seeded(&proxy, 2_000, true, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seeded_conversations_match_with_read_write_routing() {
+    let proxy = start_proxy(transaction_mode(2, Routing::Auto)).await;
+    seeded(&proxy, 3_000, true, true).await;
+}
+
+/// Runs a fixed conversation both ways and fails with the divergence.
+async fn assert_same(proxy: &TestProxy, table: &str, steps: &[Step]) {
+    if let Some(d) = compare(proxy, table, steps).await {
+        panic!("{d}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deallocate_inside_a_transaction_is_answered_as_outside() {
+    // PHP PDO frees a statement with DEALLOCATE inside beginTransaction(): forwarded under the
+    // client's name it raised 26000 and the COMMIT silently rolled back.
+    let proxy = start_proxy(transaction_mode(2, Routing::Primary)).await;
+    let steps = vec![
+        Step::query("CREATE TABLE dealloc_tx (id int)"),
+        Step::extended("Parse pdo_stmt_00000001", |b| {
+            msg::parse(b, "pdo_stmt_00000001", b"SELECT count(*) FROM dealloc_tx")
+        }),
+        Step::query("BEGIN"),
+        Step::query("INSERT INTO dealloc_tx VALUES (1)"),
+        Step::extended("Bind/Execute pdo_stmt_00000001", |b| {
+            msg::bind(b, "", "pdo_stmt_00000001", &[]);
+            msg::execute(b, "", 0);
+        }),
+        Step::query("DEALLOCATE pdo_stmt_00000001"),
+        Step::query("COMMIT"),
+        // An unknown name inside a transaction aborts it, as PostgreSQL does.
+        Step::query("BEGIN"),
+        Step::query("INSERT INTO dealloc_tx VALUES (2)"),
+        Step::query("DEALLOCATE nosuch"),
+        Step::query("COMMIT"),
+        Step::query("DEALLOCATE nosuch"),
+        Step::query("SELECT id FROM dealloc_tx ORDER BY id"),
+        Step::query("DROP TABLE dealloc_tx"),
+    ];
+    assert_same(&proxy, "dealloc_tx", &steps).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_error_that_is_not_utf8_reaches_the_client() {
+    // With client_encoding latin9 the server's message quotes the identifier in latin9.
+    let proxy = start_proxy(transaction_mode(2, Routing::Primary)).await;
+    let steps = vec![
+        Step::query("SET client_encoding = 'LATIN9'"),
+        Step::query_bytes(b"SELECT 1 FROM \"foo\xa4bar\""),
+        Step::query_bytes(b"SELECT 'caf\xe9'"),
+        Step::extended("Parse/Bind/Execute latin9", |b| {
+            msg::parse(b, "", b"SELECT '\xa4' AS \"\xe9\"");
+            msg::bind(b, "", "", &[]);
+            msg::describe(b, b'P', "");
+            msg::execute(b, "", 0);
+        }),
+        Step::query("RESET client_encoding"),
+    ];
+    assert_same(&proxy, "none", &steps).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_whose_result_shape_changed_fails_as_in_postgresql() {
+    // Prepared, then the table gains a column, then executed on another server connection:
+    // PostgreSQL refuses with 0A000; asyncpg failed on rows of a shape it was not told of.
+    let proxy = start_proxy(transaction_mode(2, Routing::Primary)).await;
+    let steps = vec![
+        Step::query("CREATE TABLE shape_t (id int)"),
+        Step::query("INSERT INTO shape_t VALUES (1)"),
+        Step::extended("Parse s / Describe S s", |b| {
+            msg::parse(b, "s", b"SELECT * FROM shape_t");
+            msg::describe(b, b'S', "s");
+        }),
+        Step::query("ALTER TABLE shape_t ADD COLUMN extra int"),
+        // The proxy's server connections are gone: the next execution is a re-Parse.
+        Step::query(
+            "SELECT count(pg_terminate_backend(pid)) >= 0 FROM pg_stat_activity \
+             WHERE datname = 'app' AND usename = 'app' AND pid <> pg_backend_pid() \
+             AND query NOT LIKE '%pg_terminate_backend%' AND application_name = ''",
+        ),
+        Step::extended("Bind s / Execute", |b| {
+            msg::bind(b, "", "s", &[]);
+            msg::execute(b, "", 0);
+        }),
+        Step::query("BEGIN"),
+        Step::extended("Bind s / Execute in a transaction", |b| {
+            msg::bind(b, "", "s", &[]);
+            msg::execute(b, "", 0);
+        }),
+        Step::query("COMMIT"),
+        Step::query("DEALLOCATE s"),
+        Step::extended("Parse s again / Bind / Execute", |b| {
+            msg::parse(b, "s", b"SELECT * FROM shape_t");
+            msg::bind(b, "", "s", &[]);
+            msg::execute(b, "", 0);
+        }),
+        Step::query("DROP TABLE shape_t"),
+    ];
+    assert_same(&proxy, "shape_t", &steps).await;
+}
