@@ -262,7 +262,15 @@ impl Drive<'_> {
                     }
                     // Partly read requests live on the session: they survive a lost server.
                     if !txn.incoming.push(frame) {
-                        continue;
+                        // Where routing is settled (a transaction, a pinned session), what
+                        // the client sent so far goes on when nothing more is buffered, as
+                        // a server executes messages as they arrive: a pipeline without Sync
+                        // gets its answers.
+                        let settled = txn.status != TxStatus::Idle || txn.pinned;
+                        if !settled || txn.reader.has_buffered_frame() {
+                            continue;
+                        }
+                        txn.incoming.open = true;
                     }
                     let mut unit = std::mem::take(&mut txn.incoming);
                     let mut m = meaning(&unit, &txn.statements, &txn.rules);

@@ -240,8 +240,9 @@ pub struct Rewriter<'a> {
     pub max_prepared: usize,
     /// Classifications already made for the Parses being pushed, in order.
     pub parsed: std::slice::Iter<'a, Parsed>,
-    /// Refuse to prepare again, unchecked, a statement whose shape is known: `unverified`
-    /// is set and the connection's set is left as it was (a lane cannot check first).
+    /// Refuse to prepare again, unchecked, a statement whose shape is known, or to run one
+    /// whose shape changed: `unverified` is set and the connection's set is left as it was
+    /// (a lane cannot check first).
     pub refuse_unverified: bool,
     pub unverified: bool,
 }
@@ -512,6 +513,13 @@ impl Rewriter<'_> {
             return None;
         }
         let stmt = self.client.named.get(name)?.clone();
+        if stmt.broken.load(Ordering::Relaxed) {
+            // Only the ordinary path gives PostgreSQL's answer (0A000) for it.
+            self.unverified = true;
+            if self.refuse_unverified {
+                return Some(stmt.server_name.clone());
+            }
+        }
         if !self.server.touch(&stmt.server_name) {
             if stmt.shape.get().is_some() {
                 self.unverified = true;
@@ -683,7 +691,8 @@ impl ClientStatements {
 
 /// The client's statements that `frames` executes (Bind) or describes, whose shape is known
 /// and which the connection lacks: they must be prepared and checked before the request
-/// runs. `Err(ShapeChanged)` when one it executes is known to have changed shape.
+/// runs. `Err(ShapeChanged)` when one is known to have changed shape (PostgreSQL then
+/// refuses to execute or describe it).
 pub fn unchecked_statements(
     frames: &[Frame],
     client: &ClientStatements,
@@ -691,13 +700,13 @@ pub fn unchecked_statements(
 ) -> Result<Vec<Arc<Statement>>, ShapeChanged> {
     let mut out: Vec<Arc<Statement>> = Vec::new();
     for f in frames {
-        let (name, executes) = match f.tag {
+        let name = match f.tag {
             frontend::BIND => match bind_view(f) {
-                Ok((_, s, _)) => (s, true),
+                Ok((_, s, _)) => s,
                 Err(_) => continue,
             },
             frontend::DESCRIBE => match target_view(f) {
-                Ok((b'S', s)) => (s, false),
+                Ok((b'S', s)) => s,
                 _ => continue,
             },
             frontend::PARSE => return Ok(out),
@@ -706,7 +715,7 @@ pub fn unchecked_statements(
         let Some(stmt) = (!name.is_empty()).then(|| client.named.get(name)).flatten() else {
             continue;
         };
-        if executes && stmt.broken.load(Ordering::Relaxed) {
+        if stmt.broken.load(Ordering::Relaxed) {
             return Err(ShapeChanged);
         }
         if stmt.shape.get().is_some()

@@ -15,6 +15,9 @@ use super::prepared::{
 #[derive(Debug, Default)]
 pub struct Unit {
     pub frames: Vec<Frame>,
+    /// Sent before its end arrived (the rest follows on the same connection), as a server
+    /// would take messages one by one.
+    pub open: bool,
 }
 
 impl Unit {
@@ -36,9 +39,10 @@ impl Unit {
             .count()
     }
 
-    /// Ends with Flush and not Sync: the rest of the request follows on the same connection.
+    /// Ends with Flush, or was sent open: the rest of the request follows on the same
+    /// connection.
     pub fn is_partial(&self) -> bool {
-        self.frames.last().is_some_and(|f| f.tag == frontend::FLUSH)
+        self.open || self.frames.last().is_some_and(|f| f.tag == frontend::FLUSH)
     }
 
     /// Only Sync/Flush: nothing for a server to do.

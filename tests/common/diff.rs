@@ -157,6 +157,22 @@ impl Step {
     }
 }
 
+impl Step {
+    /// Extended-protocol messages with neither Sync nor Flush (libpq's pipeline mode): the
+    /// answer up to `until` must come as the server executes them.
+    pub fn unsynced(label: &str, until: u8, build: impl FnOnce(&mut Vec<u8>)) -> Step {
+        let mut bytes = Vec::new();
+        build(&mut bytes);
+        Step {
+            label: format!("X {label} (no Sync)"),
+            bytes,
+            copy_rows: None,
+            readies: 0,
+            until: Some(until),
+        }
+    }
+}
+
 /// Bytes as text: printable ASCII kept, the rest as `\xNN`.
 pub fn escape(b: &[u8]) -> String {
     let mut s = String::new();
@@ -244,9 +260,13 @@ pub async fn run(port: u16, login: (&str, &str, &str), steps: &[Step]) -> Transc
             break;
         }
     }
-    let mut bye = Vec::new();
-    bye.extend_from_slice(&[b'X', 0, 0, 0, 4]);
-    let _ = raw.stream.write_all(&bye).await;
+    // Terminate, and wait until the server has closed: its session (and any lock it held)
+    // is gone before the next run starts.
+    let _ = raw.stream.write_all(&[b'X', 0, 0, 0, 4]).await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        while raw.recv().await.is_some() {}
+    })
+    .await;
     out
 }
 
@@ -309,27 +329,46 @@ pub fn first_divergence(
         for step in &steps[..=i.min(steps.len() - 1)] {
             let _ = writeln!(s, "  {}", step.label);
         }
-        let _ = writeln!(s, "direct:  {:?}", d.map(Vec::as_slice).unwrap_or_default());
-        let _ = writeln!(s, "pgpilot: {:?}", p.map(Vec::as_slice).unwrap_or_default());
+        let short = |v: Option<&Vec<String>>| -> Vec<String> {
+            v.map(Vec::as_slice)
+                .unwrap_or_default()
+                .iter()
+                .map(|m| match m.char_indices().nth(300) {
+                    Some((at, _)) => format!("{}...", &m[..at]),
+                    None => m.clone(),
+                })
+                .collect()
+        };
+        let _ = writeln!(s, "direct:  {:?}", short(d));
+        let _ = writeln!(s, "pgpilot: {:?}", short(p));
         return Some(s);
     }
     None
 }
 
 /// Answers that differ in a way the proxy cannot avoid and no client can be hurt by:
-/// - in an aborted transaction, a statement the proxy must prepare again on another server
-///   connection fails with `25P02` where PostgreSQL would first have checked the Bind's
-///   parameter count (`08P01`): both are errors and the transaction stays failed.
+/// - in a transaction that had already failed, a statement the proxy must prepare again on
+///   another server connection fails with `25P02` (PostgreSQL refuses a Parse there), where
+///   PostgreSQL itself would first have checked a Bind's parameter count (`08P01`) or still
+///   described a statement that returns no rows. The client is in a failed transaction
+///   either way, and can only roll back.
+/// - a Describe of a statement whose result shape changed: PostgreSQL sends the
+///   ParameterDescription before its `0A000`; the proxy, which finds the change before the
+///   statement runs, sends only the `0A000`.
 fn allowed(direct: Option<&Vec<String>>, proxied: Option<&Vec<String>>) -> bool {
     let (Some(d), Some(p)) = (direct, proxied) else {
         return false;
     };
     let failed = |v: &Vec<String>| v.last().is_some_and(|z| z == "Z E");
-    matches!((d.as_slice(), p.as_slice()), ([de, _], [pe, _])
-        if de.contains("C=08P01 M=bind message supplies")
-            && pe.contains("C=25P02 ")
-            && failed(d)
-            && failed(p))
+    let aborted = matches!(p.as_slice(), [pe, _] if pe.contains("C=25P02 "))
+        && failed(d)
+        && failed(p)
+        && !d.iter().any(|m| m.starts_with("D ") || m.starts_with("C "));
+    let reshaped = d.len() == p.len() + 1
+        && d[0].starts_with("t ")
+        && d[1..] == p[..]
+        && p[0].contains("C=0A000 ");
+    aborted || reshaped
 }
 
 /// A small deterministic generator (xorshift64*): the same seed gives the same conversation
