@@ -131,3 +131,63 @@ async fn read_your_writes_with_replay_paused_on_every_replica() {
     replay(2, true);
     assert!(missed > 0, "the control run should read stale replicas");
 }
+
+/// Points replica `i` at `conninfo` (its WAL receiver restarts with it).
+fn repoint(i: usize, conninfo: &str) {
+    let sql = format!(
+        "ALTER SYSTEM SET primary_conninfo = '{}'",
+        conninfo.replace('\'', "''")
+    );
+    cluster().psql(i, "postgres", &sql).unwrap();
+    cluster()
+        .psql(i, "postgres", "SELECT pg_reload_conf()")
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_does_not_follow_the_primary_gets_no_reads() {
+    // A replica that stopped streaming from the elected primary (it replayed past a fork
+    // point and cannot follow, or follows nobody) must not answer reads.
+    let _serial = SERIAL.lock().await;
+    let proxy = start_proxy(config(cluster(), |_| {})).await;
+    let client = proxy.connect().await;
+    let port = cluster().port(1);
+    common::eventually(Duration::from_secs(20), "reads on pg2", || async {
+        read_port(&client).await == port
+    })
+    .await;
+    let conninfo = cluster()
+        .psql(1, "postgres", "SHOW primary_conninfo")
+        .unwrap();
+    let dead = pgpilot::devcluster::free_port().unwrap();
+    repoint(1, &format!("host=127.0.0.1 port={dead} user=postgres"));
+    common::eventually(Duration::from_secs(20), "pg2 to stop streaming", || async {
+        cluster()
+            .psql(
+                1,
+                "postgres",
+                "SELECT count(*) FROM pg_stat_wal_receiver WHERE status = 'streaming'",
+            )
+            .is_ok_and(|n| n == "0")
+    })
+    .await;
+    // Once the proxy has seen it, not one read in 200 goes there.
+    let shared = proxy.shared.clone();
+    common::eventually(Duration::from_secs(10), "the probe to see it", || {
+        let v = shared.cluster.view();
+        async move { v.nodes[1].sample.as_ref().is_some_and(|s| !s.streaming) }
+    })
+    .await;
+    for _ in 0..200 {
+        assert_ne!(
+            read_port(&client).await,
+            port,
+            "a read went to a replica that follows nobody"
+        );
+    }
+    repoint(1, &conninfo);
+    common::eventually(Duration::from_secs(20), "reads on pg2 again", || async {
+        read_port(&client).await == port
+    })
+    .await;
+}

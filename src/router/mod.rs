@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::cluster::{ClusterView, Role};
+use crate::cluster::{ClusterView, NodeStatus, Role};
 use crate::config::{ClusterConfig, ReadYourWrites, Routing};
 use classify::Route;
 
@@ -123,6 +123,22 @@ impl Drop for LoadGuard<'_> {
 /// Picks a replica for a read: healthy, within `max_replica_lag` (bytes, and time while
 /// behind), not excluded, and, after the client's own write at `last_write`, one that has
 /// replayed a primary position sampled after that write.
+/// Whether a replica holds the elected primary's history: while that primary is up, the
+/// replica must be streaming from it on its timeline (one that replayed past a fork point,
+/// or follows nobody, would answer with writes the surviving history never had). While the
+/// elected primary is down no replica can stream, and those on its timeline keep serving.
+fn follows_primary(n: &NodeStatus, view: &ClusterView) -> bool {
+    let Some(p) = view.elected() else {
+        return true;
+    };
+    let streaming = n.sample.as_ref().is_some_and(|s| s.streaming);
+    if view.primary.is_some() {
+        streaming && n.timeline() == p.timeline()
+    } else {
+        !streaming || n.timeline() == p.timeline()
+    }
+}
+
 pub fn pick_replica(
     view: &ClusterView,
     cfg: &ClusterConfig,
@@ -148,6 +164,7 @@ pub fn pick_replica(
         n.role == Role::Replica
             && n.healthy
             && n.fenced.is_none()
+            && follows_primary(n, view)
             && !exclude.contains(i)
             && n.lag_bytes.is_some_and(|l| l <= max_lag)
             && n.lag_seconds.is_none_or(|s| s <= max_lag_time)
