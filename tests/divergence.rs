@@ -46,17 +46,23 @@ impl Churn {
         let stop = Arc::new(AtomicBool::new(false));
         let mut tasks = Vec::new();
         for i in 0..clients {
-            let client = proxy.connect().await;
+            let info = proxy.conninfo(DEMO_USER, DEMO_PASSWORD, DEMO_DATABASE);
             let stop = stop.clone();
             tasks.push(tokio::spawn(async move {
+                let sql = if i % 2 == 0 {
+                    "SELECT 1"
+                } else {
+                    "BEGIN; SELECT count(*) FROM accounts; COMMIT"
+                };
+                // A client whose server was lost (fault injection) connects again.
                 while !stop.load(Ordering::Relaxed) {
-                    let sql = if i % 2 == 0 {
-                        "SELECT 1"
-                    } else {
-                        "BEGIN; SELECT count(*) FROM accounts; COMMIT"
-                    };
-                    if client.batch_execute(sql).await.is_err() {
+                    let Ok((client, conn)) =
+                        tokio_postgres::connect(&info, tokio_postgres::NoTls).await
+                    else {
                         return;
+                    };
+                    tokio::spawn(conn);
+                    while !stop.load(Ordering::Relaxed) && client.batch_execute(sql).await.is_ok() {
                     }
                 }
             }));
@@ -252,4 +258,61 @@ async fn a_pipeline_without_sync_is_answered_as_it_executes() {
         Step::query("ROLLBACK"),
     ];
     assert_same(&proxy, "none", &steps).await;
+}
+
+/// Ends every server connection of the application user on the primary (the proxy's pooled
+/// and busy ones alike), as a crash of their backends would.
+async fn terminate_app_backends() {
+    let c = cluster();
+    let sql = "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+               WHERE usename = 'app' AND backend_type = 'client backend'";
+    tokio::task::spawn_blocking(move || c.psql(0, "postgres", sql))
+        .await
+        .expect("psql task")
+        .expect("terminate");
+}
+
+/// The client was told its server was lost: an error of class 08 or `57P01`, or the
+/// connection closed.
+fn told(answer: &[String]) -> bool {
+    answer
+        .iter()
+        .any(|m| m == "CLOSED" || m.contains(" C=08") || m.contains(" C=57P01"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_server_is_never_a_silent_divergence() {
+    // The server connections are terminated before a random request. The client then sees
+    // exactly what a direct client sees, or an error (or a closed connection) before any
+    // later statement of what was lost runs: never a silent difference.
+    let proxy = start_proxy(transaction_mode(2, Routing::Primary)).await;
+    let churn = Churn::start(&proxy, 2).await;
+    let mut failures = Vec::new();
+    let (mut same, mut warned) = (0, 0);
+    for seed in seed_range(4_000) {
+        let steps = common::talk::conversation(seed, 30, true, true);
+        let at = 1 + (diff::Rng::new(seed).next() % (steps.len() as u64 - 2)) as usize;
+        let table = format!("dt{seed}");
+        clean(&table).await;
+        let direct = diff::run(cluster().port(0), LOGIN, &steps).await;
+        clean(&table).await;
+        let proxied =
+            diff::run_with_fault(proxy.port(), LOGIN, &steps, at, terminate_app_backends()).await;
+        let Some(j) = (0..steps.len()).find(|&i| direct.get(i) != proxied.get(i)) else {
+            same += 1;
+            continue;
+        };
+        warned += 1;
+        if j < at || !proxied.get(j).is_some_and(|a| told(a)) {
+            let d = first_divergence(&steps, &direct, &proxied).unwrap_or_default();
+            failures.push(format!("seed {seed}, fault before request {at}: {d}"));
+        }
+        clean(&table).await;
+    }
+    churn.stop().await;
+    assert!(
+        failures.is_empty(),
+        "silent divergences:\n{}",
+        failures.join("\n")
+    );
 }

@@ -244,9 +244,26 @@ pub type Transcript = Vec<Vec<String>>;
 
 /// Runs `steps` on a new connection to `port` as (user, password, database).
 pub async fn run(port: u16, login: (&str, &str, &str), steps: &[Step]) -> Transcript {
+    run_with_fault(port, login, steps, usize::MAX, async {}).await
+}
+
+/// Like `run`, with `fault` done (awaited) just before step `at` is sent.
+pub async fn run_with_fault(
+    port: u16,
+    login: (&str, &str, &str),
+    steps: &[Step],
+    at: usize,
+    fault: impl std::future::Future<Output = ()>,
+) -> Transcript {
     let mut raw = Raw::login(port, login.0, login.1, login.2).await;
     let mut out = Vec::new();
-    for step in steps {
+    let mut fault = Some(fault);
+    for (i, step) in steps.iter().enumerate() {
+        if i == at
+            && let Some(f) = fault.take()
+        {
+            f.await;
+        }
         let mut seen = Vec::new();
         let ended =
             tokio::time::timeout(Duration::from_secs(20), answer(&mut raw, step, &mut seen))
