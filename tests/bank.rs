@@ -93,7 +93,8 @@ fn primary(proxy: &common::TestProxy) -> Option<usize> {
 }
 
 fn psql(c: &DevCluster, i: usize, sql: &str) -> String {
-    c.psql(i, "app", sql).unwrap_or_else(|e| panic!("{sql}: {e}"))
+    c.psql(i, "app", sql)
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -116,7 +117,12 @@ async fn transfers_survive_primary_kills_without_losing_or_splitting_any() {
             pgpilot::demo::DEMO_PASSWORD,
             pgpilot::demo::DEMO_DATABASE,
         );
-        tasks.push(tokio::spawn(transfers(info, id, stop.clone(), tally.clone())));
+        tasks.push(tokio::spawn(transfers(
+            info,
+            id,
+            stop.clone(),
+            tally.clone(),
+        )));
     }
     let started = Instant::now();
     for kill in 0..kills() {
@@ -149,8 +155,14 @@ async fn transfers_survive_primary_kills_without_losing_or_splitting_any() {
         t.await.unwrap();
     }
     let p = primary(&proxy).expect("a primary at the end");
-    let total: i64 = psql(&c, p, "SELECT sum(balance) FROM bank").parse().unwrap();
-    assert_eq!(total, ACCOUNTS as i64 * OPENING, "money appeared or vanished");
+    let total: i64 = psql(&c, p, "SELECT sum(balance) FROM bank")
+        .parse()
+        .unwrap();
+    assert_eq!(
+        total,
+        ACCOUNTS as i64 * OPENING,
+        "money appeared or vanished"
+    );
     // Every account agrees with its transfer rows: no transfer is half applied.
     let disagree = psql(
         &c,
@@ -169,7 +181,10 @@ async fn transfers_survive_primary_kills_without_losing_or_splitting_any() {
         .collect();
     let acked = tally.acked.lock();
     let missing: Vec<_> = acked.difference(&stored).collect();
-    assert!(missing.is_empty(), "acknowledged transfers lost: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "acknowledged transfers lost: {missing:?}"
+    );
     println!(
         "{} kills in {:?}: {} transfers acknowledged, {} stored, {} failed with an error",
         kills(),
