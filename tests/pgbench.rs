@@ -58,3 +58,40 @@ async fn fifty_pgbench_clients_over_ten_connections_lose_nothing() {
         "{opened} server connections for three pools of 10"
     );
 }
+
+/// `pgbench -i -s 5` and then `-M prepared -c 50 -j 2` over a pool of 10, on a fresh proxy
+/// each round: once in three runs this stalled for 30 s. `PGPILOT_STALL_ROUNDS` (default 2)
+/// and `PGPILOT_STALL_SECS` (default 10) set the loop; a short `query_wait_timeout` turns a
+/// stall into failed transactions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_then_prepared_rounds_never_stall() {
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (rounds, secs) = (env("PGPILOT_STALL_ROUNDS", 2), env("PGPILOT_STALL_SECS", 10));
+    for round in 0..rounds {
+        let proxy = start_proxy(config(cluster(), |c| {
+            c.proxy.pool_size = 10;
+            c.proxy.query_wait_timeout = pgpilot::config::Dur::secs(5);
+        }))
+        .await;
+        pgbench(proxy.port(), &["-i", "-s", "5", "-q"]).await;
+        let started = std::time::Instant::now();
+        let out = pgbench(
+            proxy.port(),
+            &["-M", "prepared", "-c", "50", "-j", "2", "-T", &secs.to_string()],
+        )
+        .await;
+        let done = number_after(&out, "number of transactions actually processed: ");
+        let failed = number_after(&out, "number of failed transactions: ");
+        assert_eq!(failed, 0, "round {round}: failed transactions:\n{out}");
+        eprintln!(
+            "round {round}: {done} transactions in {:?}, 0 failed",
+            started.elapsed()
+        );
+        proxy.shutdown().await;
+    }
+}
