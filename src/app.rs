@@ -50,6 +50,9 @@ pub struct Shared {
     pub cancels: CancelRegistry,
     /// Connected clients, checked against `max_client_conn`.
     pub clients: AtomicUsize,
+    /// Connections still logging in, kept apart from `clients` (and also bounded by
+    /// `max_client_conn`) so that stalled logins never lock authenticated clients out.
+    pub logins: AtomicUsize,
     /// Cancelled when a graceful shutdown begins.
     pub shutdown: CancellationToken,
     config_path: parking_lot::Mutex<Option<std::path::PathBuf>>,
@@ -138,6 +141,7 @@ impl Proxy {
             next_client_id: AtomicU64::new(1),
             cancels: CancelRegistry::default(),
             clients: AtomicUsize::new(0),
+            logins: AtomicUsize::new(0),
             shutdown: CancellationToken::new(),
             failover: crate::failover::Failover::default(),
             stop: CancellationToken::new(),

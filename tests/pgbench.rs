@@ -71,7 +71,10 @@ async fn init_then_prepared_rounds_never_stall() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(d)
     };
-    let (rounds, secs) = (env("PGPILOT_STALL_ROUNDS", 2), env("PGPILOT_STALL_SECS", 10));
+    let (rounds, secs) = (
+        env("PGPILOT_STALL_ROUNDS", 2),
+        env("PGPILOT_STALL_SECS", 10),
+    );
     for round in 0..rounds {
         let proxy = start_proxy(config(cluster(), |c| {
             c.proxy.pool_size = 10;
@@ -82,7 +85,16 @@ async fn init_then_prepared_rounds_never_stall() {
         let started = std::time::Instant::now();
         let out = pgbench(
             proxy.port(),
-            &["-M", "prepared", "-c", "50", "-j", "2", "-T", &secs.to_string()],
+            &[
+                "-M",
+                "prepared",
+                "-c",
+                "50",
+                "-j",
+                "2",
+                "-T",
+                &secs.to_string(),
+            ],
         )
         .await;
         let done = number_after(&out, "number of transactions actually processed: ");

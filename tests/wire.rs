@@ -5,6 +5,8 @@ mod common;
 
 use std::time::Duration;
 
+use tokio::io::AsyncWriteExt;
+
 use bytes::Bytes;
 use common::raw::Raw;
 use common::{cluster, config, psql, start_proxy};
@@ -309,4 +311,81 @@ async fn probes_report_roles_wal_positions_and_lag() {
         assert_eq!(s.system_id, primary.system_id, "same cluster");
         assert!(replica.lag_bytes.is_some());
     }
+}
+
+/// Opens a connection that sends a startup packet and then nothing (stuck in SCRAM).
+async fn stalled_login(port: u16) -> Raw {
+    let mut raw = Raw::connect(port).await;
+    let mut out = bytes::BytesMut::new();
+    postgres_protocol::message::frontend::startup_message(
+        [("user", DEMO_USER), ("database", DEMO_DATABASE)],
+        &mut out,
+    )
+    .unwrap();
+    raw.send(&out).await;
+    raw
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_logins_time_out_and_never_take_authenticated_slots() {
+    let proxy = start_proxy(config(cluster(), |c| {
+        c.proxy.max_client_conn = 4;
+        c.proxy.client_login_timeout = pgpilot::config::Dur::secs(1);
+    }))
+    .await;
+    let first = proxy.connect().await;
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        stalled.push(stalled_login(proxy.port()).await);
+    }
+    // Logged-in clients are not affected, and slots for them remain.
+    first.simple_query("SELECT 1").await.unwrap();
+    // Each stalled login is closed once client_login_timeout has passed.
+    for raw in &mut stalled {
+        let closed = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match raw.recv().await {
+                    None => return None,
+                    Some(m) if m.tag == b'E' => return m.sqlstate(),
+                    Some(_) => {}
+                }
+            }
+        })
+        .await
+        .expect("a stalled login is closed");
+        assert_eq!(closed.as_deref(), Some("08P01"));
+    }
+    for _ in 0..3 {
+        proxy
+            .connect()
+            .await
+            .simple_query("SELECT 1")
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_message_before_authentication_is_refused() {
+    let proxy = start_proxy(config(cluster(), |_| {})).await;
+    let mut raw = stalled_login(proxy.port()).await;
+    // The SCRAM exchange expects a SASLInitialResponse: send a 1 MB one instead.
+    let mut huge = vec![b'p'];
+    huge.extend_from_slice(&(1_000_004i32).to_be_bytes());
+    huge.resize(1 + 1_000_004, b'x');
+    let _ = raw.stream.write_all(&huge).await;
+    let mut code = None;
+    while let Some(m) = raw.recv().await {
+        if m.tag == b'E' {
+            code = m.sqlstate();
+            break;
+        }
+    }
+    assert_eq!(code.as_deref(), Some("08P01"), "refused before reading it");
+    proxy
+        .connect()
+        .await
+        .simple_query("SELECT 1")
+        .await
+        .unwrap();
 }

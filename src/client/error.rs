@@ -22,6 +22,8 @@ pub enum ClientError {
     UnknownDatabase(String),
     #[error("sorry, too many clients already")]
     TooManyClients,
+    #[error("client_login_timeout: authentication did not complete in time")]
+    LoginTimeout,
     #[error("user \"{0}\" is not allowed to use the admin console")]
     AdminDenied(String),
     #[error("the admin console speaks only the simple query protocol")]
@@ -77,6 +79,7 @@ impl ClientError {
             ClientError::AdminDenied(_) => fatal(sqlstate::INVALID_AUTHORIZATION),
             ClientError::AdminProtocol => fatal(sqlstate::PROTOCOL_VIOLATION),
             ClientError::TooManyClients => fatal(sqlstate::TOO_MANY_CONNECTIONS),
+            ClientError::LoginTimeout => fatal(sqlstate::PROTOCOL_VIOLATION),
             ClientError::NoNode(_) | ClientError::Disabled(_) => {
                 fatal(sqlstate::CANNOT_CONNECT_NOW)
             }

@@ -59,12 +59,41 @@ impl Drop for ClientSlot<'_> {
     }
 }
 
+/// Largest message accepted before authentication completes (PostgreSQL's limit for
+/// authentication tokens): a login cannot make the proxy buffer more.
+const MAX_LOGIN_MESSAGE: usize = 65_535;
+
+/// Counts a connection that is still logging in.
+struct LoginSlot<'a>(&'a Shared);
+
+impl Drop for LoginSlot<'_> {
+    fn drop(&mut self) {
+        self.0.logins.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 async fn run(tcp: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) -> Result<(), ClientError> {
     let local = tcp.local_addr().ok();
+    let config = shared.config();
+    let deadline = tokio::time::Instant::now() + config.proxy.client_login_timeout.0;
+    if shared.logins.fetch_add(1, Ordering::AcqRel) >= config.proxy.max_client_conn {
+        shared.logins.fetch_sub(1, Ordering::AcqRel);
+        let mut tcp = tcp;
+        let mut out = BytesMut::new();
+        let e = ClientError::TooManyClients;
+        if let Some((severity, code, message)) = e.response() {
+            backend::error_response(&mut out, severity, code, &message);
+            let _ = tcp.write_all(&out).await;
+        }
+        return Err(e);
+    }
+    let login = LoginSlot(shared);
     // The one-time phases (TLS handshake, authentication, opening server connections) are
     // boxed: their futures are large, and inline they would set the size of every client's
     // task for its whole life, idle or not.
-    let Some((stream, params, leftover)) = Box::pin(startup::negotiate(tcp, shared)).await? else {
+    let Some((stream, params, leftover)) =
+        Box::pin(startup::negotiate(tcp, shared, deadline)).await?
+    else {
         return Ok(());
     };
     let conn = Conn {
@@ -73,10 +102,17 @@ async fn run(tcp: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) -> Result<(
         tls: stream.is_tls(),
     };
     let (rd, mut wr) = tokio::io::split(stream);
-    let config = shared.config();
     let max_body = config.proxy.max_message_size.0 as usize;
-    let mut reader = MessageReader::new(rd, leftover, max_body);
-    let result = session(&mut reader, &mut wr, &params, shared, &conn).await;
+    let mut reader = MessageReader::new(rd, leftover, MAX_LOGIN_MESSAGE.min(max_body));
+    let result = session(
+        &mut reader,
+        &mut wr,
+        &params,
+        shared,
+        &conn,
+        (deadline, login),
+    )
+    .await;
     if let Err(e) = &result {
         send_error(&mut wr, e).await;
     }
@@ -98,20 +134,28 @@ async fn session<R, W>(
     params: &StartupParams,
     shared: &Arc<Shared>,
     conn: &Conn,
+    (deadline, login): (tokio::time::Instant, LoginSlot<'_>),
 ) -> Result<(), ClientError>
 where
     R: tokio::io::AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let config = shared.config();
+    let user = params.user().unwrap_or_default();
+    let database = params.database().unwrap_or_default();
+    let credentials = shared.credentials();
+    let auth = Box::pin(credentials.authenticate(reader, wr, user));
+    tokio::time::timeout_at(deadline, auth)
+        .await
+        .map_err(|_| ClientError::LoginTimeout)??;
+    // Authenticated: from here on the client counts against max_client_conn.
+    drop(login);
     if shared.clients.fetch_add(1, Ordering::AcqRel) >= config.proxy.max_client_conn {
         shared.clients.fetch_sub(1, Ordering::AcqRel);
         return Err(ClientError::TooManyClients);
     }
     let _slot = ClientSlot(shared);
-    let user = params.user().unwrap_or_default();
-    let database = params.database().unwrap_or_default();
-    Box::pin(shared.credentials().authenticate(reader, wr, user)).await?;
+    reader.set_max_body(config.proxy.max_message_size.0 as usize);
     let mut out = BytesMut::new();
     backend::authentication_ok(&mut out);
     wr.write_all(&out)

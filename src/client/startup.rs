@@ -3,7 +3,6 @@
 //! StartupMessage that opens a session.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
@@ -18,9 +17,6 @@ use crate::protocol::ProtocolError;
 use crate::protocol::backend;
 use crate::protocol::startup::{StartupPacket, StartupParams, read_startup};
 
-/// A client gets this long to finish the startup phase (PostgreSQL's authentication_timeout).
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
-
 pub(super) type Negotiated = (ClientStream, StartupParams, BytesMut);
 
 /// Runs the startup phase. `Ok(None)` means the connection had nothing more to do (a cancel
@@ -28,10 +24,11 @@ pub(super) type Negotiated = (ClientStream, StartupParams, BytesMut);
 pub(super) async fn negotiate(
     tcp: TcpStream,
     shared: &Arc<Shared>,
+    deadline: tokio::time::Instant,
 ) -> Result<Option<Negotiated>, ClientError> {
     let mut buf = BytesMut::with_capacity(1024);
     let phase = negotiate_on(MaybeTls::Plain(tcp), &mut buf, shared);
-    let (stream, result) = match tokio::time::timeout(STARTUP_TIMEOUT, phase).await {
+    let (stream, result) = match tokio::time::timeout_at(deadline, phase).await {
         Ok(done) => done,
         Err(_) => return Err(ProtocolError::Closed.into()),
     };

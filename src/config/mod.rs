@@ -91,6 +91,9 @@ pub struct ProxyConfig {
     pub pool_size: usize,
     pub min_pool_size: usize,
     pub query_wait_timeout: Dur,
+    /// A client must finish its startup and authentication within this (PgBouncer's
+    /// `client_login_timeout`); until then it holds no `max_client_conn` slot.
+    pub client_login_timeout: Dur,
     pub server_idle_timeout: Dur,
     pub server_lifetime: Dur,
     pub server_connect_timeout: Dur,
@@ -127,6 +130,7 @@ impl Default for ProxyConfig {
             pool_size: 20,
             min_pool_size: 0,
             query_wait_timeout: Dur::secs(30),
+            client_login_timeout: Dur::secs(60),
             server_idle_timeout: Dur::secs(600),
             server_lifetime: Dur::secs(3600),
             server_connect_timeout: Dur::secs(5),

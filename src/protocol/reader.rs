@@ -65,6 +65,11 @@ impl<R: AsyncRead + Unpin> MessageReader<R> {
         self.next().await?.ok_or(ProtocolError::Closed)
     }
 
+    /// Changes the largest body accepted from here on (a small cap before authentication).
+    pub fn set_max_body(&mut self, max_body: usize) {
+        self.codec = FrameCodec::new(max_body);
+    }
+
     /// True when another complete frame is already buffered (so a batch of writes can wait).
     pub fn has_buffered_frame(&self) -> bool {
         matches!(self.codec.complete_len(&self.buf), Ok(Some(_)) | Err(_))
