@@ -179,7 +179,7 @@ async fn transfers_survive_primary_kills_without_losing_or_splitting_any() {
             Some((a.parse().ok()?, b.parse().ok()?))
         })
         .collect();
-    let acked = tally.acked.lock();
+    let acked = tally.acked.lock().clone();
     let missing: Vec<_> = acked.difference(&stored).collect();
     assert!(
         missing.is_empty(),
@@ -193,6 +193,5 @@ async fn transfers_survive_primary_kills_without_losing_or_splitting_any() {
         stored.len(),
         tally.errors.load(Ordering::Relaxed),
     );
-    drop(acked);
     proxy.shutdown().await;
 }
