@@ -76,7 +76,12 @@ async fn thirty_two_clients_share_lanes_and_each_gets_its_own_answers() {
         t.await.unwrap();
     }
     let opened: usize = proxy.shared.pools.all().iter().map(|p| p.opened()).sum();
-    assert!(opened <= 4, "{opened} server connections for a pool of 4");
+    // Requests that run nothing (the prepares) may also use the pool's small reserve.
+    let most = 4 + pgpilot::pool::PREPARE_RESERVE;
+    assert!(
+        opened <= most,
+        "{opened} server connections for a pool of 4"
+    );
     let shared = pipelined(&proxy);
     assert!(shared > 0, "no request rode a lane");
     println!("{shared} of 1280 requests were pipelined");

@@ -54,7 +54,12 @@ async fn fifty_clients_with_prepared_statements_over_two_server_connections() {
         t.await.unwrap();
     }
     let opened: usize = proxy.shared.pools.all().iter().map(|p| p.opened()).sum();
-    assert!(opened <= 2, "{opened} server connections for a pool of 2");
+    // Requests that run nothing (the prepares) may also use the pool's small reserve.
+    let most = 2 + pgpilot::pool::PREPARE_RESERVE;
+    assert!(
+        opened <= most,
+        "{opened} server connections for a pool of 2"
+    );
 }
 
 #[tokio::test]

@@ -157,7 +157,7 @@ where
                 Ok(n) => n,
                 Err(e) => return self.fail_request(&e, unit.readies()).await,
             };
-            let held = match self.checkout(node, on_replica).await {
+            let held = match self.checkout(node, on_replica, m.runs_nothing).await {
                 Ok(h) => h,
                 Err(_) if retryable && exclude.len() < 2 => {
                     exclude.push(node);
@@ -420,12 +420,22 @@ where
     }
 
     /// Borrows a connection on `node` and brings its settings in line with this client's.
-    async fn checkout(&mut self, node: usize, on_replica: bool) -> Result<Held<'a>, ClientError> {
+    async fn checkout(
+        &mut self,
+        node: usize,
+        on_replica: bool,
+        runs_nothing: bool,
+    ) -> Result<Held<'a>, ClientError> {
         let shared: &'a Shared = self.shared;
         let pool = self.pool_on(node)?;
         let waited = Instant::now();
         self.client.set_state(crate::registry::WAITING);
-        let checked_out = pool.checkout(self.config.proxy.query_wait_timeout.0).await;
+        let wait = self.config.proxy.query_wait_timeout.0;
+        let checked_out = if runs_nothing {
+            pool.checkout_to_prepare(wait).await
+        } else {
+            pool.checkout(wait).await
+        };
         self.client.set_state(if checked_out.is_ok() {
             crate::registry::ACTIVE
         } else {

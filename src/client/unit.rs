@@ -87,6 +87,8 @@ pub struct Meaning {
     pub parsed: Vec<Parsed>,
     /// A lone simple Query holding exactly one statement.
     pub single_statement: bool,
+    /// Parse/Describe/Close only: nothing executes.
+    pub runs_nothing: bool,
 }
 
 /// Records the session changes a statement text makes; returns its classification.
@@ -222,6 +224,7 @@ pub fn meaning(unit: &Unit, statements: &ClientStatements, rules: &FunctionRules
             frontend::BIND | frontend::EXECUTE | frontend::QUERY | frontend::FUNCTION_CALL
         )
     });
+    m.runs_nothing = !executes;
     if !executes {
         // Parse/Describe/Close only: nothing runs, so any node can answer (a standby parses
         // and describes writes too), and nothing changes the session yet. This also keeps

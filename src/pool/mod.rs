@@ -55,6 +55,11 @@ impl PoolSettings {
     }
 }
 
+/// Extra connections per pool for requests that run nothing.
+pub const PREPARE_RESERVE: usize = 2;
+/// How long a request that runs nothing waits for one of the pool's own connections first.
+const PREPARE_WAIT: Duration = Duration::from_millis(50);
+
 pub struct Pool {
     pub key: PoolKey,
     connect: ConnectParams,
@@ -63,6 +68,8 @@ pub struct Pool {
     /// Permits still to take away after a reload made the pool smaller.
     shrink: AtomicUsize,
     permits: Arc<Semaphore>,
+    /// Extra connections for requests that run nothing (see `checkout_to_prepare`).
+    reserve: Arc<Semaphore>,
     idle: Mutex<Vec<ServerConn>>,
     /// Server connections opened over the pool's life.
     opened: AtomicUsize,
@@ -92,6 +99,7 @@ impl Pool {
             key,
             connect,
             permits: Arc::new(Semaphore::new(settings.size)),
+            reserve: Arc::new(Semaphore::new(PREPARE_RESERVE)),
             settings: ArcSwap::from_pointee(settings),
             shrink: AtomicUsize::new(0),
             idle: Mutex::new(Vec::new()),
@@ -119,6 +127,36 @@ impl Pool {
                     .map_err(|_| PoolError::CheckoutTimeout(wait))?
             }
         };
+        self.take(permit).await
+    }
+
+    /// A connection for a request that runs nothing (Parse, Describe, Close: no statement
+    /// executes, no lock is held for long). After a short wait for one of the pool's own, it
+    /// may take one of `PREPARE_RESERVE` extra connections: clients that prepare
+    /// synchronously (pgbench, libpq's PQprepare) can otherwise wait on connections held by
+    /// clients of their own blocked thread until `query_wait_timeout`.
+    pub async fn checkout_to_prepare(
+        self: &Arc<Self>,
+        wait: Duration,
+    ) -> Result<PooledConn, PoolError> {
+        if let Ok(Ok(conn)) =
+            tokio::time::timeout(PREPARE_WAIT.min(wait), self.checkout(wait)).await
+        {
+            return Ok(conn);
+        }
+        let rest = wait.saturating_sub(PREPARE_WAIT);
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let permit = tokio::time::timeout(rest, async {
+            tokio::select! {
+                p = self.permits.clone().acquire_owned() => p,
+                p = self.reserve.clone().acquire_owned() => p,
+            }
+        })
+        .await;
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        let permit = permit
+            .map_err(|_| PoolError::CheckoutTimeout(wait))?
+            .map_err(|_| PoolError::CheckoutTimeout(wait))?;
         self.take(permit).await
     }
 
