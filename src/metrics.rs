@@ -295,6 +295,19 @@ pub fn render(shared: &Shared) -> String {
         o.sample("pgpilot_node_up", &[("node", &n.name)], u8::from(n.healthy));
     }
     o.family(
+        "pgpilot_node_probe_auth_failing",
+        "gauge",
+        "1 while the node refuses the probes' login (monitor_user / monitor_password).",
+    );
+    for n in &view.nodes {
+        let failing = u8::from(n.probe_auth_failing);
+        o.sample(
+            "pgpilot_node_probe_auth_failing",
+            &[("node", &n.name)],
+            failing,
+        );
+    }
+    o.family(
         "pgpilot_node_role",
         "gauge",
         "1 for the role the node's probes report.",

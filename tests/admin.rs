@@ -322,3 +322,86 @@ async fn shutdown_wait_for_clients_lets_connected_clients_finish() {
         .expect("the proxy stops once the last client left")
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_monitor_password_alarms_but_takes_nothing_down() {
+    // The probe role's password changes (and its sessions end): the probes are refused, which
+    // says nothing about the nodes. Routing goes on, nothing fails over, SHOW NODES and the
+    // log name the authentication failure.
+    let c = cluster();
+    c.psql(0, "postgres", "DROP ROLE IF EXISTS pgpilot_mon")
+        .unwrap();
+    c.psql(
+        0,
+        "postgres",
+        "CREATE ROLE pgpilot_mon LOGIN SUPERUSER PASSWORD 'mon-secret'",
+    )
+    .unwrap();
+    let proxy = start_proxy(config(c, |cfg| {
+        with_admin_users(cfg);
+        cfg.cluster.monitor_user = "pgpilot_mon".into();
+        cfg.cluster.monitor_password = Some("mon-secret".into());
+    }))
+    .await;
+    let shared = proxy.shared.clone();
+    eventually(Duration::from_secs(20), "every node probed", || {
+        let v = shared.cluster.view();
+        async move { v.primary.is_some() && v.nodes.iter().all(|n| n.healthy) }
+    })
+    .await;
+    c.psql(0, "postgres", "ALTER ROLE pgpilot_mon PASSWORD 'changed'")
+        .unwrap();
+    c.wait_replayed(Duration::from_secs(20)).unwrap();
+    for i in 0..3 {
+        c.psql(
+            i,
+            "postgres",
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE usename = 'pgpilot_mon'",
+        )
+        .unwrap();
+    }
+    eventually(Duration::from_secs(20), "the refusal to show", || {
+        let v = shared.cluster.view();
+        async move { v.nodes.iter().all(|n| n.probe_auth_failing) }
+    })
+    .await;
+    // Two failover timeouts later: still healthy, still routed, nothing promoted.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let v = shared.cluster.view();
+    assert!(v.nodes.iter().all(|n| n.healthy), "{:?}", v.nodes);
+    assert_eq!(v.primary, Some(0));
+    assert!(shared.failover.history().is_empty());
+    let client = proxy.connect().await;
+    client
+        .simple_query("SELECT count(*) FROM accounts")
+        .await
+        .expect("reads go on");
+    client
+        .simple_query("BEGIN; SELECT 1; COMMIT")
+        .await
+        .expect("the primary is still used");
+    let admin = common::admin_client(&proxy, "admin").await;
+    let (cols, nodes) = admin_query(&admin, "SHOW NODES").await.unwrap();
+    let error = cols
+        .iter()
+        .position(|c| c == "error")
+        .expect("error column");
+    for n in &nodes {
+        let e = n[error].clone().unwrap_or_default();
+        assert!(e.contains("28P01"), "SHOW NODES error: {e:?}");
+    }
+    // The password fixed: the alarm clears.
+    c.psql(
+        0,
+        "postgres",
+        "ALTER ROLE pgpilot_mon PASSWORD 'mon-secret'",
+    )
+    .unwrap();
+    eventually(Duration::from_secs(20), "the alarm to clear", || {
+        let v = shared.cluster.view();
+        async move { v.nodes.iter().all(|n| !n.probe_auth_failing) }
+    })
+    .await;
+    proxy.shutdown().await;
+}

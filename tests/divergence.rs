@@ -17,6 +17,10 @@ use pgpilot::demo::{DEMO_DATABASE, DEMO_PASSWORD, DEMO_USER};
 
 const LOGIN: (&str, &str, &str) = (DEMO_USER, DEMO_PASSWORD, DEMO_DATABASE);
 
+/// The fault test ends every server session of the application user, direct ones included:
+/// it runs alone (write), the others side by side (read).
+static ALONE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 /// `PGPILOT_DIFF_SEED=N` runs only seed N in each mode (to reproduce a failure).
 fn seed_range(base: u64) -> std::ops::Range<u64> {
     match std::env::var("PGPILOT_DIFF_SEED")
@@ -123,12 +127,14 @@ fn transaction_mode(pool_size: usize, routing: Routing) -> pgpilot::config::Conf
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seeded_conversations_match_in_transaction_mode() {
+    let _shared = ALONE.read().await;
     let proxy = start_proxy(transaction_mode(2, Routing::Primary)).await;
     seeded(&proxy, 1_000, true, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seeded_conversations_match_in_session_mode() {
+    let _shared = ALONE.read().await;
     let proxy = start_proxy(config(cluster(), |c| {
         c.proxy.pool_size = 4;
         c.proxy.pool_mode = PoolMode::Session;
@@ -140,6 +146,7 @@ async fn seeded_conversations_match_in_session_mode() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seeded_conversations_match_with_read_write_routing() {
+    let _shared = ALONE.read().await;
     let proxy = start_proxy(transaction_mode(2, Routing::Auto)).await;
     seeded(&proxy, 3_000, true, true).await;
 }
@@ -153,6 +160,7 @@ async fn assert_same(proxy: &TestProxy, table: &str, steps: &[Step]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deallocate_inside_a_transaction_is_answered_as_outside() {
+    let _shared = ALONE.read().await;
     // PHP PDO frees a statement with DEALLOCATE inside beginTransaction(): forwarded under the
     // client's name it raised 26000 and the COMMIT silently rolled back.
     let proxy = start_proxy(transaction_mode(2, Routing::Primary)).await;
@@ -183,6 +191,7 @@ async fn deallocate_inside_a_transaction_is_answered_as_outside() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_error_that_is_not_utf8_reaches_the_client() {
+    let _shared = ALONE.read().await;
     // With client_encoding latin9 the server's message quotes the identifier in latin9.
     let proxy = start_proxy(transaction_mode(2, Routing::Primary)).await;
     let steps = vec![
@@ -202,6 +211,7 @@ async fn a_server_error_that_is_not_utf8_reaches_the_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statement_whose_result_shape_changed_fails_as_in_postgresql() {
+    let _shared = ALONE.read().await;
     // Prepared, then the table gains a column, then executed on another server connection:
     // PostgreSQL refuses with 0A000; asyncpg failed on rows of a shape it was not told of.
     let proxy = start_proxy(transaction_mode(2, Routing::Primary)).await;
@@ -242,6 +252,7 @@ async fn a_statement_whose_result_shape_changed_fails_as_in_postgresql() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pipeline_without_sync_is_answered_as_it_executes() {
+    let _shared = ALONE.read().await;
     // psycopg's pipeline mode sends Bind/Execute without Sync and reads results as they
     // come; inside a transaction the proxy must not hold them back until the Sync.
     let proxy = start_proxy(transaction_mode(2, Routing::Primary)).await;
@@ -282,6 +293,7 @@ fn told(answer: &[String]) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_server_is_never_a_silent_divergence() {
+    let _alone = ALONE.write().await;
     // The server connections are terminated before a random request. The client then sees
     // exactly what a direct client sees, or an error (or a closed connection) before any
     // later statement of what was lost runs: never a silent difference.

@@ -1,18 +1,34 @@
-//! With `synchronous = true`, the replica holding the most WAL is promoted even when another
-//! has a higher priority: pg2 (priority 90) is down while pg3 (80) alone acknowledges commits;
-//! pg2 comes back just as the primary hangs, behind pg3. pgpilot promotes pg3, loses no
-//! acknowledged write, and pg2 follows pg3.
+//! The replica holding the most WAL is promoted even when another has a higher priority, with
+//! and without `synchronous`: pg2 (priority 90) is down while pg3 (80) keeps receiving
+//! commits; pg2 comes back just as the primary hangs, behind pg3. pgpilot promotes pg3, loses
+//! no acknowledged write that pg3 holds (with `synchronous`, none at all), and pg2 follows
+//! pg3.
 
 mod common;
 
 use std::time::Duration;
 
-use common::load::{check_ledger, synchronous_writes};
+use common::load::{check_ledger, synchronous_writes, writes};
 use common::{eventually, node_eventually};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_replica_with_every_acknowledged_commit_wins_over_priority() {
     let (c, proxy, load) = synchronous_writes(3).await;
+    furthest_wins(c, proxy, load, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_synchronous_the_furthest_replica_still_wins_over_priority() {
+    let (c, proxy, load) = writes(3, false).await;
+    furthest_wins(c, proxy, load, false).await;
+}
+
+async fn furthest_wins(
+    c: std::sync::Arc<pgpilot::devcluster::DevCluster>,
+    proxy: common::TestProxy,
+    load: common::load::WriteLoad,
+    synchronous: bool,
+) {
     let shared = proxy.shared.clone();
     let pg1 = c.port(0);
     let (pg2, pg3) = (1, 2);
@@ -53,8 +69,10 @@ async fn the_replica_with_every_acknowledged_commit_wins_over_priority() {
     })
     .await;
     let reports = load.stop().await;
-    let (acked, errors) = check_ledger(&c, pg3, &reports, 1);
-    eprintln!("{acked} writes acknowledged, {errors} errors");
+    if synchronous {
+        let (acked, errors) = check_ledger(&c, pg3, &reports, 1);
+        eprintln!("{acked} writes acknowledged, {errors} errors");
+    }
     // pg2 was behind, so it can follow pg3 on the new timeline.
     node_eventually(
         &c,

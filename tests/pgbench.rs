@@ -7,6 +7,9 @@ mod common;
 use common::{cluster, config, start_proxy};
 use pgpilot::demo::{DEMO_DATABASE, DEMO_PASSWORD, DEMO_USER};
 
+/// The tests share one database and each runs `pgbench -i`: one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn pgbench(port: u16, args: &[&str]) -> String {
     let mut cmd = std::process::Command::new("pgbench");
     cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", DEMO_USER])
@@ -35,6 +38,7 @@ fn number_after(text: &str, label: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_pgbench_clients_over_ten_connections_lose_nothing() {
+    let _serial = SERIAL.lock().await;
     let secs = std::env::var("PGPILOT_PGBENCH_SECS").unwrap_or_else(|_| "30".to_owned());
     let proxy = start_proxy(config(cluster(), |c| c.proxy.pool_size = 10)).await;
     pgbench(proxy.port(), &["-i", "-s", "2", "-q"]).await;
@@ -66,6 +70,7 @@ async fn fifty_pgbench_clients_over_ten_connections_lose_nothing() {
 /// stall into failed transactions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn init_then_prepared_rounds_never_stall() {
+    let _serial = SERIAL.lock().await;
     let env = |k: &str, d: u64| {
         std::env::var(k)
             .ok()
@@ -114,6 +119,7 @@ async fn init_then_prepared_rounds_never_stall() {
 /// the same blocked pgbench thread.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prepares_with_every_replica_lagging_never_stall() {
+    let _serial = SERIAL.lock().await;
     let secs = std::env::var("PGPILOT_STALL_SECS").unwrap_or_else(|_| "10".to_owned());
     let proxy = start_proxy(config(cluster(), |c| {
         c.proxy.pool_size = 10;

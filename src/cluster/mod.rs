@@ -92,6 +92,8 @@ pub struct NodeStatus {
     pub lag_bytes: Option<u64>,
     pub lag_seconds: Option<f64>,
     pub last_error: Option<String>,
+    /// Probes are refused for authentication (monitor_user / monitor_password).
+    pub probe_auth_failing: bool,
 }
 
 impl NodeStatus {
@@ -181,6 +183,7 @@ fn status_of(n: &NodeConfig) -> NodeStatus {
         lag_bytes: None,
         lag_seconds: None,
         last_error: None,
+        probe_auth_failing: false,
     }
 }
 

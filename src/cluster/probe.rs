@@ -38,6 +38,9 @@ pub enum FailureKind {
     Crash,
     /// No answer within `probe_timeout`: a hang, an overload or a network cut.
     Timeout,
+    /// The server refused the monitor role's login (SQLSTATE class 28): it is alive and
+    /// answering, so this says nothing about its health, only that probes cannot see it.
+    Auth,
     /// Anything else (authentication, an unexpected answer).
     Other,
 }
@@ -60,7 +63,12 @@ impl ProbeError {
     }
 
     fn from_pg(e: &tokio_postgres::Error, started: Instant) -> Self {
-        ProbeError::new(failure_kind(e), e.to_string(), started)
+        // The server's own words (SQLSTATE and message), not just "db error".
+        let message = match e.as_db_error() {
+            Some(db) => format!("{}: {} ({})", db.severity(), db.message(), db.code().code()),
+            None => e.to_string(),
+        };
+        ProbeError::new(failure_kind(e), message, started)
     }
 }
 
@@ -74,6 +82,8 @@ pub fn failure_kind(e: &tokio_postgres::Error) -> FailureKind {
             || *code == SqlState::CANNOT_CONNECT_NOW
         {
             FailureKind::Crash
+        } else if code.code().starts_with("28") {
+            FailureKind::Auth
         } else {
             FailureKind::Other
         };
@@ -210,6 +220,8 @@ pub(super) struct Prober {
     healthy: bool,
     /// Consecutive results that disagree with `healthy`.
     streak: u32,
+    /// The last probe was refused for authentication (logged once per change).
+    auth_failing: bool,
 }
 
 impl Prober {
@@ -220,6 +232,7 @@ impl Prober {
             client: None,
             healthy: false,
             streak: 0,
+            auth_failing: false,
         }
     }
 
@@ -268,12 +281,32 @@ impl Prober {
             if result.is_err() {
                 self.client = None;
             }
-            // The first result counts at once: no reason to wait at startup.
-            let healthy = self.apply_hysteresis(
-                result.is_ok(),
-                std::mem::take(&mut first),
-                config.probe_failures,
-            );
+            let auth = matches!(&result, Err(e) if e.kind == FailureKind::Auth);
+            if auth != self.auth_failing {
+                self.auth_failing = auth;
+                let name = &self.cluster.view().nodes[self.index].name;
+                match &result {
+                    Err(e) if auth => tracing::error!(
+                        node = %name,
+                        error = %e.message,
+                        "probes cannot log in as the monitor role (monitor_user / monitor_password): \
+                         the node is kept as it was last seen and no failover is based on it"
+                    ),
+                    _ => tracing::info!(node = %name, "probes log in again"),
+                }
+            }
+            // The first result counts at once: no reason to wait at startup. A refused login
+            // proves the server answered: it keeps the node's health as it was.
+            let healthy = if auth && !first {
+                self.healthy
+            } else {
+                self.apply_hysteresis(
+                    result.is_ok() || auth,
+                    std::mem::take(&mut first),
+                    config.probe_failures,
+                )
+            };
+            first = false;
             if removed(&self.cluster) {
                 return;
             }

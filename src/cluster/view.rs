@@ -12,7 +12,7 @@
 
 use tokio::time::Instant;
 
-use super::{ClusterView, Failure, Fence, NodeStatus, Report, Role, Sample};
+use super::{ClusterView, Failure, FailureKind, Fence, NodeStatus, Report, Role, Sample};
 
 impl ClusterView {
     pub(super) fn apply_report(&mut self, index: usize, report: &Report) {
@@ -29,10 +29,18 @@ impl ClusterView {
                 };
                 node.sample = Some(sample.clone());
                 node.last_error = None;
+                node.probe_auth_failing = false;
                 node.failure = None;
                 node.last_ok = Some(Instant::now());
             }
+            Err(e) if e.kind == FailureKind::Auth => {
+                // Alive, but unseen: no failure for the failover controller to count.
+                node.last_error = Some(e.message.clone());
+                node.probe_auth_failing = true;
+                node.last_ok = Some(Instant::now());
+            }
             Err(e) => {
+                node.probe_auth_failing = false;
                 node.last_error = Some(e.message.clone());
                 let since = node.failure.as_ref().map_or(e.started, |f| f.since);
                 node.failure = Some(Failure {

@@ -218,6 +218,10 @@ pub struct ClusterConfig {
     /// Keep `synchronous_standby_names = 'ANY 1 (<live replicas>)'` on the primary, so an
     /// acknowledged commit is on a replica before the client hears of it.
     pub synchronous: bool,
+    /// With `synchronous`: never empty the list when no replica is live; writes wait for a
+    /// standby instead of committing on the primary alone (Patroni's
+    /// `synchronous_mode_strict`).
+    pub synchronous_strict: bool,
     /// Run on a fenced node seen running as a primary, to turn it into a replica of the
     /// elected primary. Variables: {node} {host} {port} {data_dir} {primary_node}
     /// {primary_host} {primary_port}.
@@ -261,6 +265,7 @@ impl Default for ClusterConfig {
             monitor_password: None,
             monitor_database: "postgres".into(),
             synchronous: false,
+            synchronous_strict: false,
             rejoin_command: None,
             demote_command: None,
             promote_timeout: Dur::secs(60),

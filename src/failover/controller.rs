@@ -9,9 +9,10 @@
 //!   none may still hear from the primary (`Sample::hears_primary`): a replica that does proves
 //!   that only pgpilot is cut off.
 //! - **Elect.** Healthy, unfenced replicas without `no_failover`, from the same system, at
-//!   most `max_failover_lag` behind the furthest known WAL position; the highest priority, then
-//!   the furthest position (with `synchronous`, the furthest position first: only it is sure to
-//!   hold every acknowledged commit).
+//!   most `max_failover_lag` behind the furthest known WAL position; the furthest position
+//!   wins (only it is sure to hold every commit a survivor holds), priority breaks ties. After
+//!   pgpilot left the primary without a synchronous standby, only a replica known to hold
+//!   the commits acknowledged meanwhile may replace it automatically.
 
 use std::time::Duration;
 
@@ -20,12 +21,25 @@ use tokio::time::Instant;
 use crate::cluster::{ClusterView, FailureKind, Role};
 use crate::config::FailoverMode;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Policy {
     pub mode: FailoverMode,
     pub failover_timeout: Duration,
     pub max_failover_lag: u64,
     pub synchronous: bool,
+    /// A primary that acknowledged commits with no synchronous standby (pgpilot emptied its
+    /// list): a replica replacing it must hold at least this position (`None`: the list is
+    /// still empty, so no replica is known to hold them).
+    pub unsynced: Option<Unsynced>,
+}
+
+/// Commits were acknowledged on `primary` while no standby was synchronous.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unsynced {
+    pub primary: String,
+    /// The primary's position once a standby was synchronous again: every such commit is
+    /// at or before it. `None` while the list is still empty.
+    pub covered_by: Option<crate::cluster::Lsn>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,6 +144,10 @@ pub fn elect(
 ) -> Result<usize, String> {
     let best = view.nodes.iter().filter_map(|n| n.wal_position()).max();
     let system = old.and_then(|o| view.nodes[o].sample.as_ref()?.system_id.clone());
+    let unsynced = policy
+        .unsynced
+        .as_ref()
+        .filter(|u| old.is_some_and(|o| view.nodes[o].name == u.primary));
     let mut eligible = Vec::new();
     let mut refused = Vec::new();
     for (i, n) in view.nodes.iter().enumerate() {
@@ -158,13 +176,30 @@ pub fn elect(
             ));
             continue;
         }
+        // Commits acknowledged while no standby was synchronous are only on the old primary
+        // unless a replica is known to have received them.
+        match unsynced.map(|u| u.covered_by) {
+            Some(None) if !force => {
+                refused.push(format!(
+                    "{} may lack commits acknowledged while no standby was synchronous",
+                    n.name
+                ));
+                continue;
+            }
+            Some(Some(need)) if !force && pos.is_none_or(|p| p < need) => {
+                refused.push(format!(
+                    "{} lacks commits acknowledged while no standby was synchronous (up to {need})",
+                    n.name
+                ));
+                continue;
+            }
+            _ => {}
+        }
         eligible.push((i, n.priority, pos));
     }
-    let pick = if policy.synchronous {
-        eligible.iter().max_by_key(|(_, prio, pos)| (*pos, *prio))
-    } else {
-        eligible.iter().max_by_key(|(_, prio, pos)| (*prio, *pos))
-    };
+    // The furthest position first, in every mode: priority must never cost writes another
+    // candidate holds. Priority decides between candidates that hold the same WAL.
+    let pick = eligible.iter().max_by_key(|(_, prio, pos)| (*pos, *prio));
     match pick {
         Some((i, _, _)) => Ok(*i),
         None if refused.is_empty() => Err("no healthy replica".into()),

@@ -23,7 +23,7 @@ pub use controller::{Cause, Policy, Verdict};
 pub use switchover::{SwitchoverError, promote, switchover};
 
 use crate::app::Shared;
-use crate::cluster::{ClusterView, Fence, Role};
+use crate::cluster::{ClusterView, Fence, NodeStatus, Role};
 use crate::config::ClusterConfig;
 
 /// How often the driver looks at the view even when nothing was published.
@@ -67,6 +67,8 @@ pub struct Failover {
     sync_applied: Mutex<Option<(String, String)>>,
     /// Serialises those writes, in the order they were claimed.
     sync_writer: tokio::sync::Mutex<()>,
+    /// Set when pgpilot left a primary with no synchronous standby (see `Unsynced`).
+    unsynced: Mutex<Option<controller::Unsynced>>,
     /// With a coordinator: whether this instance holds the leader lease, and who does.
     follower: std::sync::atomic::AtomicBool,
     leader: Mutex<Option<String>>,
@@ -123,12 +125,13 @@ impl Failover {
     }
 }
 
-pub fn policy(cfg: &ClusterConfig) -> Policy {
+pub fn policy(cfg: &ClusterConfig, failover: &Failover) -> Policy {
     Policy {
         mode: cfg.failover,
         failover_timeout: cfg.failover_timeout.0,
         max_failover_lag: cfg.max_failover_lag.0,
         synchronous: cfg.synchronous,
+        unsynced: failover.unsynced.lock().clone(),
     }
 }
 
@@ -186,7 +189,7 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
         if cfg.synchronous {
             keep_synchronous_names(&shared, &view, &cfg);
         }
-        let verdict = controller::assess(&view, &policy(&cfg), Instant::now());
+        let verdict = controller::assess(&view, &policy(&cfg, &shared.failover), Instant::now());
         if d.last_verdict.as_ref() != Some(&verdict) {
             log_verdict(&shared, &view, &verdict);
             d.last_verdict = Some(verdict.clone());
@@ -335,6 +338,73 @@ fn live_replicas(view: &ClusterView, except: &[usize]) -> Vec<String> {
     names
 }
 
+/// The `synchronous_standby_names` for the primary at `primary` whose live replicas are
+/// `live`. With `synchronous_strict` it is never empty (every other node is named), so writes
+/// wait for a standby rather than commit on the primary alone.
+fn wanted_names(
+    view: &ClusterView,
+    cfg: &ClusterConfig,
+    primary: usize,
+    live: Vec<String>,
+) -> String {
+    if live.is_empty() && cfg.synchronous_strict {
+        let mut others: Vec<String> = view
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(i, n)| *i != primary && n.fenced != Some(Fence::Removed))
+            .map(|(_, n)| n.name.clone())
+            .collect();
+        others.sort();
+        return actions::synchronous_names(&others);
+    }
+    actions::synchronous_names(&live)
+}
+
+/// Records what a list just written on `primary` means for a later election: an empty one
+/// opens a window of commits only the primary holds; the first list naming a standby again
+/// closes it at the primary's position then.
+async fn note_synchronous(
+    shared: &Arc<Shared>,
+    cfg: &ClusterConfig,
+    primary: &NodeStatus,
+    value: &str,
+) {
+    if value.is_empty() {
+        warn!(
+            node = %primary.name,
+            "no replica is live: synchronous_standby_names is empty, commits are acknowledged by \
+             the primary alone, and no replica may replace it automatically until it holds them \
+             (synchronous_strict = true makes writes wait instead)"
+        );
+        *shared.failover.unsynced.lock() = Some(controller::Unsynced {
+            primary: primary.name.clone(),
+            covered_by: None,
+        });
+        return;
+    }
+    let open = shared
+        .failover
+        .unsynced
+        .lock()
+        .as_ref()
+        .is_some_and(|u| u.primary == primary.name && u.covered_by.is_none());
+    if !open {
+        return;
+    }
+    match actions::current_lsn(cfg, primary).await {
+        Ok(lsn) => {
+            info!(node = %primary.name, %lsn, "a standby is synchronous again");
+            *shared.failover.unsynced.lock() = Some(controller::Unsynced {
+                primary: primary.name.clone(),
+                covered_by: Some(lsn),
+            });
+        }
+        // The window stays open: no replica is chosen on a guess.
+        Err(e) => warn!(node = %primary.name, error = %e, "cannot read the primary's position"),
+    }
+}
+
 fn keep_synchronous_names(shared: &Arc<Shared>, view: &ClusterView, cfg: &ClusterConfig) {
     let (Some(p), Some(pi)) = (view.primary(), view.primary) else {
         return;
@@ -347,7 +417,7 @@ fn keep_synchronous_names(shared: &Arc<Shared>, view: &ClusterView, cfg: &Cluste
     {
         return;
     }
-    let value = actions::synchronous_names(&live_replicas(view, &[pi]));
+    let value = wanted_names(view, cfg, pi, live_replicas(view, &[pi]));
     let key = (p.name.clone(), value.clone());
     {
         let mut applied = shared.failover.sync_applied.lock();
@@ -364,9 +434,12 @@ fn keep_synchronous_names(shared: &Arc<Shared>, view: &ClusterView, cfg: &Cluste
             return; // superseded by a newer value, written after this one
         }
         match actions::set_synchronous_names(&cfg, &node, &value).await {
-            Ok(()) => shared
-                .failover
-                .event(&node.name, format!("synchronous_standby_names = '{value}'")),
+            Ok(()) => {
+                shared
+                    .failover
+                    .event(&node.name, format!("synchronous_standby_names = '{value}'"));
+                note_synchronous(&shared, &cfg, &node, &value).await;
+            }
             Err(e) => {
                 warn!(node = %node.name, error = %e, "cannot set synchronous_standby_names");
                 let mut applied = shared.failover.sync_applied.lock();
@@ -454,9 +527,18 @@ pub(super) async fn promote_and_repoint(
     let except: Vec<usize> = old.into_iter().chain([candidate]).collect();
     let others = live_replicas(&view, &except);
     if cfg.synchronous {
-        let value = actions::synchronous_names(&others);
+        let value = wanted_names(&view, &cfg, candidate, others.clone());
         match actions::set_synchronous_names(&cfg, &node, &value).await {
-            Ok(()) => *shared.failover.sync_applied.lock() = Some((node.name.clone(), value)),
+            Ok(()) => {
+                shared
+                    .failover
+                    .event(&node.name, format!("synchronous_standby_names = '{value}'"));
+                // The old primary's unsynchronised commits were weighed in the election; the
+                // new one starts synchronous unless no replica is live.
+                *shared.failover.unsynced.lock() = None;
+                note_synchronous(shared, &cfg, &node, &value).await;
+                *shared.failover.sync_applied.lock() = Some((node.name.clone(), value));
+            }
             Err(e) => warn!(node = %node.name, error = %e, "cannot set synchronous_standby_names"),
         }
     }

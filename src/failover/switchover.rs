@@ -61,7 +61,7 @@ pub async fn switchover(
             }
             i
         }
-        None => controller::elect(&view, Some(old), &policy(&cfg), false)
+        None => controller::elect(&view, Some(old), &policy(&cfg, &shared.failover), false)
             .map_err(SwitchoverError::NoCandidate)?,
     };
     let old_node = view.nodes[old].clone();

@@ -90,22 +90,29 @@ impl WriteLoad {
 /// `rejoin_command`, the primary waiting for both replicas, and `writers` writing through the
 /// proxy every 20 ms, with 20 writes acknowledged by pg1 already.
 pub async fn synchronous_writes(writers: i32) -> (Arc<DevCluster>, TestProxy, WriteLoad) {
+    writes(writers, true).await
+}
+
+/// Like `synchronous_writes`, with `synchronous` as given.
+pub async fn writes(writers: i32, synchronous: bool) -> (Arc<DevCluster>, TestProxy, WriteLoad) {
     let c = Arc::new(super::start_cluster(DevClusterOptions::default()));
     c.psql(0, "app", LEDGER).expect("create the ledger");
     let proxy = super::start_proxy(super::config(&c, |cfg| {
-        cfg.cluster.synchronous = true;
+        cfg.cluster.synchronous = synchronous;
         cfg.cluster.rejoin_command = None;
     }))
     .await;
     super::wait_failover_ready(&proxy.shared).await;
-    super::node_eventually(
-        &c,
-        0,
-        "SHOW synchronous_standby_names",
-        Duration::from_secs(10),
-        |v| v.contains("pg2") && v.contains("pg3"),
-    )
-    .await;
+    if synchronous {
+        super::node_eventually(
+            &c,
+            0,
+            "SHOW synchronous_standby_names",
+            Duration::from_secs(10),
+            |v| v.contains("pg2") && v.contains("pg3"),
+        )
+        .await;
+    }
     let load = WriteLoad::start(&proxy, writers, Duration::from_millis(20)).await;
     let pg1 = c.port(0);
     super::eventually(Duration::from_secs(10), "writes on pg1", || {

@@ -12,6 +12,7 @@ fn policy() -> Policy {
         failover_timeout: Duration::from_secs(3),
         max_failover_lag: 1000,
         synchronous: false,
+        unsynced: None,
     }
 }
 
@@ -57,9 +58,10 @@ fn fail(c: &Cluster, i: usize, kind: FailureKind, started: Instant) {
     );
 }
 
-/// Replicas that lost their WAL receiver, probed after the failure began.
+/// Replicas that lost their WAL receiver, probed after the failure began, both holding the
+/// same WAL (so priority decides).
 fn replicas_lost_the_primary(c: &Cluster) {
-    for (i, lsn) in [(1, 4900), (2, 5000)] {
+    for (i, lsn) in [(1, 5000), (2, 5000)] {
         let mut s = Sample::for_tests(true, lsn);
         s.streaming = false;
         ok(c, i, s);
@@ -142,11 +144,12 @@ fn a_silent_primary_is_dead_after_failover_timeout() {
 }
 
 #[test]
-fn election_skips_laggards_and_no_failover_and_prefers_position_when_synchronous() {
+fn election_skips_laggards_and_no_failover_and_prefers_position() {
     let c = cluster();
     let view = c.view();
-    // pg2 is 100 bytes behind pg3: fine by priority, not when synchronous.
-    assert_eq!(elect(&view, Some(0), &policy(), false), Ok(1));
+    // pg2 (higher priority) is 100 bytes behind pg3: pg3 holds writes pg2 lacks, so it wins,
+    // with or without synchronous.
+    assert_eq!(elect(&view, Some(0), &policy(), false), Ok(2));
     let sync = Policy {
         synchronous: true,
         ..policy()
@@ -165,4 +168,44 @@ fn election_skips_laggards_and_no_failover_and_prefers_position_when_synchronous
     assert!(err.contains("pg2 is 100 bytes behind"), "{err}");
     assert!(err.contains("pg3 is 4900 bytes behind"), "{err}");
     assert_eq!(elect(&c.view(), Some(0), &strict, true), Ok(1));
+}
+
+#[test]
+fn commits_acknowledged_without_a_standby_keep_replicas_that_lack_them_out() {
+    let c = cluster();
+    let view = c.view();
+    // The list is empty right now: no replica is known to hold those commits.
+    let open = Policy {
+        unsynced: Some(Unsynced {
+            primary: "pg1".into(),
+            covered_by: None,
+        }),
+        ..policy()
+    };
+    let err = elect(&view, Some(0), &open, false).unwrap_err();
+    assert!(err.contains("may lack commits"), "{err}");
+    // Covered up to 4950: pg3 (5000) holds them, pg2 (4900) does not.
+    let covered = Policy {
+        unsynced: Some(Unsynced {
+            primary: "pg1".into(),
+            covered_by: Some(Lsn(4950)),
+        }),
+        ..policy()
+    };
+    assert_eq!(elect(&view, Some(0), &covered, false), Ok(2));
+    let mut behind = Sample::for_tests(true, 4940);
+    behind.receive_lsn = Some(Lsn(4940));
+    ok(&c, 2, behind);
+    let err = elect(&c.view(), Some(0), &covered, false).unwrap_err();
+    assert!(err.contains("lacks commits acknowledged"), "{err}");
+    // An operator may still choose (PROMOTE), and another primary's window is irrelevant.
+    assert!(elect(&c.view(), Some(0), &covered, true).is_ok());
+    let elsewhere = Policy {
+        unsynced: Some(Unsynced {
+            primary: "pg2".into(),
+            covered_by: None,
+        }),
+        ..policy()
+    };
+    assert!(elect(&c.view(), Some(0), &elsewhere, false).is_ok());
 }
