@@ -323,10 +323,9 @@ impl Drive<'_> {
         m: &Meaning,
         retryable: bool,
     ) -> Result<(), String> {
+        let checked = self.check_shapes(txn, server, &unit).await;
         let raised;
-        let (unit, m) = if self.check_shapes(txn, server, &unit).await? {
-            (unit, m)
-        } else {
+        let (unit, m) = if checked.as_ref().is_ok_and(|ok| !ok) {
             // PostgreSQL's answer for a statement whose result shape changed; inside a
             // transaction it aborts it on the server too.
             let raise = raising_unit(
@@ -335,6 +334,8 @@ impl Drive<'_> {
             );
             raised = meaning(&raise, &txn.statements, &txn.rules);
             (raise, &raised)
+        } else {
+            (unit, m)
         };
         let readies = unit.readies();
         let partial = unit.is_partial();
@@ -345,7 +346,7 @@ impl Drive<'_> {
         txn.stats
             .received(unit.frames.iter().map(|f| f.raw().len()).sum());
         let mut out = BytesMut::new();
-        {
+        let rewritten = checked.and_then(|_| {
             let mut rw = Rewriter {
                 client: &mut txn.statements,
                 server: self.statements,
@@ -356,10 +357,11 @@ impl Drive<'_> {
                 refuse_unverified: false,
                 unverified: false,
             };
-            for f in &unit.frames {
-                rw.push(f, &mut out).map_err(|e| e.to_string())?;
-            }
-        }
+            unit.frames
+                .iter()
+                .try_for_each(|f| rw.push(f, &mut out))
+                .map_err(|e| e.to_string())
+        });
         let wrote = !self.on_replica && !m.intent.read_only;
         let began = m.intent.begin.is_some();
         let mut changes = m.changes.clone();
@@ -389,6 +391,9 @@ impl Drive<'_> {
         self.began_in_flight |= began;
         self.outstanding += readies;
         self.partial = partial;
+        // Booked as owed before any failure counts: a server lost during the shape check
+        // retries the request elsewhere or answers it, never drops it.
+        rewritten?;
         self.swr.write_all(&out).await.map_err(|e| e.to_string())
     }
 
