@@ -26,6 +26,18 @@ use crate::router::Target;
 /// Longer queries are sent the ordinary way (keeps what a lane writes at once small).
 const MAX_QUERY: usize = 8 * 1024;
 
+/// What became of a request offered to a lane.
+pub(super) enum Pipelined {
+    Served,
+    /// No lane took it: serve it the ordinary way.
+    NotTaken,
+    /// Its statement must be checked first: serve it the ordinary way on this node.
+    Declined {
+        node: usize,
+        on_replica: bool,
+    },
+}
+
 /// How a request rides a lane.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Shape {
@@ -46,22 +58,23 @@ where
         unit: &Unit,
         m: &Meaning,
         target: Target,
-    ) -> Result<bool, ClientError> {
+    ) -> Result<Pipelined, ClientError> {
         let depth = self.config.proxy.pipeline_depth;
         if depth == 0 {
-            return Ok(false);
+            return Ok(Pipelined::NotTaken);
         }
         let sent_bytes = unit.frames.iter().map(|f| f.raw().len()).sum();
         let Some(shape) = self.may_pipeline(unit, m, sent_bytes) else {
-            return Ok(false);
+            return Ok(Pipelined::NotTaken);
         };
-        let Ok((node, _)) = self.choose(target, &[]).await else {
-            return Ok(false);
+        let Ok((node, on_replica)) = self.choose(target, &[]).await else {
+            return Ok(Pipelined::NotTaken);
         };
         let Ok(pool) = self.pool_on(node) else {
-            return Ok(false);
+            return Ok(Pipelined::NotTaken);
         };
         let (tx, mut rx) = mpsc::channel(REPLY_BATCHES);
+        let unverified = std::cell::Cell::new(false);
         let named = shape == Shape::Named;
         let max_prepared = self.config.proxy.max_prepared_statements;
         let (client, rules) = (&mut self.statements, &self.rules);
@@ -87,6 +100,7 @@ where
                     }
                     if rw.unverified {
                         // Its shape must be checked before it runs: not on a lane.
+                        unverified.set(true);
                         return None;
                     }
                 }
@@ -100,7 +114,13 @@ where
             Some((out, expect))
         };
         let Some(ticket) = pool.pipeline(&self.settings, depth, named, rewrite, tx) else {
-            return Ok(false);
+            // Declined for a check the ordinary path makes: there, on the node chosen here
+            // (choosing again would move on, and keep the statement off this node's lanes).
+            return Ok(if unverified.get() {
+                Pipelined::Declined { node, on_replica }
+            } else {
+                Pipelined::NotTaken
+            });
         };
         if let (Some(parse), Some(parsed)) = (
             unit.frames.iter().find(|f| f.tag == frontend::PARSE),
@@ -148,18 +168,24 @@ where
                         let took = sent.elapsed();
                         self.stats.query(took);
                         self.stats.transaction(took);
-                        break Ok(true);
+                        break Ok(Pipelined::Served);
                     }
                 }
                 Some(Reply::Lost(why)) if forwarded => {
-                    break self.report_lost(&why, 1, false).await.map(|_| true);
+                    break self
+                        .report_lost(&why, 1, false)
+                        .await
+                        .map(|_| Pipelined::Served);
                 }
                 None if forwarded => {
                     let why = "pipelined server connection closed";
-                    break self.report_lost(why, 1, false).await.map(|_| true);
+                    break self
+                        .report_lost(why, 1, false)
+                        .await
+                        .map(|_| Pipelined::Served);
                 }
                 // Nothing reached the client: serve it the ordinary way.
-                Some(Reply::Lost(_)) | None => break Ok(false),
+                Some(Reply::Lost(_)) | None => break Ok(Pipelined::NotTaken),
             }
         };
         *self.cancel.lock() = None;

@@ -12,6 +12,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
 use super::cancel::CancelTarget;
+use super::pipelined::Pipelined;
 use super::prepared::ClientStatements;
 use super::settings::Settings;
 use super::unit::{Change, Unit, meaning};
@@ -146,14 +147,20 @@ where
             self.client.set_state(crate::registry::WAITING);
             self.shared.gate.wait_resumed(self.database).await;
         }
-        if self.pipelined(&unit, &m, target).await? {
-            return Ok(());
-        }
+        let mut chosen = match self.pipelined(&unit, &m, target).await? {
+            Pipelined::Served => return Ok(()),
+            Pipelined::NotTaken => None,
+            Pipelined::Declined { node, on_replica } => Some((node, on_replica)),
+        };
         // A primary that refuses connections is waited out: new requests proceed on the next
         // elected primary within failover_wait_timeout.
         let primary_deadline = Instant::now() + primary_wait(&self.config.cluster);
         loop {
-            let (node, on_replica) = match self.choose(target, &exclude).await {
+            let picked = match chosen.take() {
+                Some(n) => Ok(n),
+                None => self.choose(target, &exclude).await,
+            };
+            let (node, on_replica) = match picked {
                 Ok(n) => n,
                 Err(e) => return self.fail_request(&e, unit.readies()).await,
             };

@@ -68,6 +68,9 @@ pub struct Failure {
     pub since: Instant,
     /// When the latest failed probe was sent.
     pub last: Instant,
+    /// When the second failed probe of the run was sent: the first had already failed, so
+    /// the node was down by then (the first may have been sent before it went down).
+    pub second: Option<Instant>,
 }
 
 #[derive(Debug, Clone)]

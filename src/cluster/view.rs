@@ -42,11 +42,18 @@ impl ClusterView {
             Err(e) => {
                 node.probe_auth_failing = false;
                 node.last_error = Some(e.message.clone());
-                let since = node.failure.as_ref().map_or(e.started, |f| f.since);
+                let (since, second) = match &node.failure {
+                    Some(f) => (
+                        f.since,
+                        f.second.or((e.started > f.since).then_some(e.started)),
+                    ),
+                    None => (e.started, None),
+                };
                 node.failure = Some(Failure {
                     kind: e.kind,
                     since,
                     last: e.started,
+                    second,
                 });
             }
         }

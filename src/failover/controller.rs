@@ -5,7 +5,8 @@
 //! - **Detect.** A crash (probes refused or reset, or the server shutting down) counts after
 //!   two failed probes in a row, a fifth of `probe_interval` apart. A silent primary (probes
 //!   time out) counts once nothing succeeded for `failover_timeout`.
-//! - **Confirm.** Every reachable replica must have been probed after the failures began, and
+//! - **Confirm.** Every reachable replica must have been probed after the primary was down
+//!   (for a crash, after the second failed probe was sent), and
 //!   none may still hear from the primary (`Sample::hears_primary`): a replica that does proves
 //!   that only pgpilot is cut off.
 //! - **Elect.** Healthy, unfenced replicas without `no_failover`, from the same system, at
@@ -106,11 +107,18 @@ pub fn assess(view: &ClusterView, policy: &Policy, now: Instant) -> Verdict {
             *i != old && n.healthy && n.role == Role::Replica && n.fenced.is_none()
         })
     };
+    // Evidence from after the primary was down: for a crash, samples sent after the second
+    // failed probe (the first may have been sent before the crash, and a replica probed then
+    // could still receive WAL). Positions compared in the election are then final.
+    let down_by = match cause {
+        Cause::Crash => failure.second.unwrap_or(failure.last),
+        Cause::Unresponsive => failure.since,
+    };
     let fresh = |i: &usize| {
         view.nodes[*i]
             .sample
             .as_ref()
-            .is_some_and(|s| s.started >= failure.since)
+            .is_some_and(|s| s.started >= down_by)
     };
     if let Some((witness, _)) =
         replicas().find(|(i, n)| fresh(i) && n.sample.as_ref().is_some_and(|s| s.hears_primary()))

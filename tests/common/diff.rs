@@ -330,6 +330,12 @@ async fn answer(raw: &mut Raw, step: &Step, seen: &mut Vec<String>) -> bool {
     }
 }
 
+/// The index of the first step whose answers differ beyond the allowed differences.
+pub fn divergence_index(direct: &Transcript, proxied: &Transcript) -> Option<usize> {
+    (0..direct.len().max(proxied.len()))
+        .find(|&i| direct.get(i) != proxied.get(i) && !allowed(direct.get(i), proxied.get(i)))
+}
+
 /// The first step whose answers differ, described with the conversation up to it.
 pub fn first_divergence(
     steps: &[Step],

@@ -58,12 +58,13 @@ fn fail(c: &Cluster, i: usize, kind: FailureKind, started: Instant) {
     );
 }
 
-/// Replicas that lost their WAL receiver, probed after the failure began, both holding the
-/// same WAL (so priority decides).
+/// Replicas that lost their WAL receiver, probed after the primary's second failed probe (the
+/// tests send it 100 ms after their start), both holding the same WAL (so priority decides).
 fn replicas_lost_the_primary(c: &Cluster) {
     for (i, lsn) in [(1, 5000), (2, 5000)] {
         let mut s = Sample::for_tests(true, lsn);
         s.streaming = false;
+        s.started = Instant::now() + Duration::from_millis(150);
         ok(c, i, s);
     }
 }
@@ -84,6 +85,17 @@ fn a_crash_needs_two_failures_then_fresh_evidence_then_promotes_by_priority() {
             stale: vec![1, 2]
         }
     );
+    // Samples sent between the two failed probes may predate the crash: not evidence.
+    for i in 1..3 {
+        let mut s = Sample::for_tests(true, 5000);
+        s.streaming = false;
+        s.started = t0 + Duration::from_millis(50);
+        ok(&c, i, s);
+    }
+    assert!(matches!(
+        assess(&c.view(), &policy(), t0),
+        Verdict::NeedEvidence { .. }
+    ));
     replicas_lost_the_primary(&c);
     let v = assess(&c.view(), &policy(), t0);
     assert_eq!(
@@ -103,7 +115,9 @@ fn a_replica_that_still_hears_the_primary_blocks_promotion() {
     fail(&c, 0, FailureKind::Crash, t0);
     fail(&c, 0, FailureKind::Crash, t0 + Duration::from_millis(100));
     replicas_lost_the_primary(&c);
-    ok(&c, 2, Sample::for_tests(true, 5000));
+    let mut hears = Sample::for_tests(true, 5000);
+    hears.started = Instant::now() + Duration::from_millis(150);
+    ok(&c, 2, hears);
     assert_eq!(
         assess(&c.view(), &policy(), t0),
         Verdict::PrimaryAlive { old: 0, witness: 2 }
