@@ -97,6 +97,13 @@ pub struct NodeStatus {
     pub last_error: Option<String>,
     /// Probes are refused for authentication (monitor_user / monitor_password).
     pub probe_auth_failing: bool,
+    /// The furthest WAL this replica was seen to have received on its timeline. PostgreSQL's
+    /// receive position goes back to a segment start whenever the WAL receiver restarts
+    /// (as it keeps doing once its primary is gone), although the WAL stays on disk.
+    pub received_high: Option<(u32, Lsn)>,
+    /// The latest two samples reported the same replay position with no WAL receiver
+    /// streaming: the replica has replayed all the WAL it has.
+    pub replay_settled: bool,
 }
 
 impl NodeStatus {
@@ -108,10 +115,15 @@ impl NodeStatus {
     /// or replayed on a replica.
     pub fn wal_position(&self) -> Option<Lsn> {
         let s = self.sample.as_ref()?;
-        [s.current_lsn, s.receive_lsn, s.replay_lsn]
-            .into_iter()
-            .flatten()
-            .max()
+        [
+            s.current_lsn,
+            s.receive_lsn,
+            s.replay_lsn,
+            self.received_high.map(|(_, l)| l),
+        ]
+        .into_iter()
+        .flatten()
+        .max()
     }
 
     pub fn timeline(&self) -> u32 {
@@ -187,6 +199,8 @@ fn status_of(n: &NodeConfig) -> NodeStatus {
         lag_seconds: None,
         last_error: None,
         probe_auth_failing: false,
+        received_high: None,
+        replay_settled: false,
     }
 }
 

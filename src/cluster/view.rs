@@ -22,6 +22,19 @@ impl ClusterView {
         node.healthy = report.healthy;
         match &report.result {
             Ok(sample) => {
+                let previous = node.sample.as_ref();
+                node.replay_settled = sample.in_recovery
+                    && !sample.streaming
+                    && previous.is_some_and(|p| {
+                        p.in_recovery && !p.streaming && p.replay_lsn == sample.replay_lsn
+                    });
+                node.received_high = if sample.in_recovery && node.role != Role::Primary {
+                    received_high(node.received_high, sample)
+                } else {
+                    // A primary, or a node that just stopped being one (rewound): nothing
+                    // it received before counts.
+                    None
+                };
                 node.role = if sample.in_recovery {
                     Role::Replica
                 } else {
@@ -183,5 +196,21 @@ impl ClusterView {
                 .iter()
                 .zip(&old.nodes)
                 .any(|(a, b)| key(a) != key(b))
+    }
+}
+
+/// The receive high-water mark after `sample`: kept while the replica stays on its timeline
+/// (or streams from nobody), restarted on a new one.
+fn received_high(
+    high: Option<(u32, crate::cluster::Lsn)>,
+    sample: &Sample,
+) -> Option<(u32, crate::cluster::Lsn)> {
+    let now = sample.receive_lsn;
+    match (high, sample.timeline, now) {
+        (Some((tl, h)), Some(t), Some(r)) if t == tl => Some((tl, h.max(r))),
+        (Some(kept), None, _) => Some(kept),
+        (_, Some(t), Some(r)) => Some((t, r)),
+        (kept, _, None) => kept,
+        (None, None, Some(_)) => None,
     }
 }

@@ -85,6 +85,10 @@ pub enum Verdict {
     },
 }
 
+fn hears(n: &crate::cluster::NodeStatus) -> bool {
+    n.sample.as_ref().is_some_and(|s| s.hears_primary())
+}
+
 /// What the view says about the elected primary at `now`.
 pub fn assess(view: &ClusterView, policy: &Policy, now: Instant) -> Verdict {
     let Some(old) = view.elected else {
@@ -114,15 +118,15 @@ pub fn assess(view: &ClusterView, policy: &Policy, now: Instant) -> Verdict {
         Cause::Crash => failure.second.unwrap_or(failure.last),
         Cause::Unresponsive => failure.since,
     };
+    // After a crash, also wait until each replica has replayed all the WAL it has (its
+    // replay position stops moving): its position is then what it holds, whatever its WAL
+    // receiver reports while it keeps reconnecting.
     let fresh = |i: &usize| {
-        view.nodes[*i]
-            .sample
-            .as_ref()
-            .is_some_and(|s| s.started >= down_by)
+        let n = &view.nodes[*i];
+        n.sample.as_ref().is_some_and(|s| s.started >= down_by)
+            && (cause != Cause::Crash || n.replay_settled || hears(n))
     };
-    if let Some((witness, _)) =
-        replicas().find(|(i, n)| fresh(i) && n.sample.as_ref().is_some_and(|s| s.hears_primary()))
-    {
+    if let Some((witness, _)) = replicas().find(|(i, n)| fresh(i) && hears(n)) {
         return Verdict::PrimaryAlive { old, witness };
     }
     let stale: Vec<usize> = replicas().map(|(i, _)| i).filter(|i| !fresh(i)).collect();

@@ -464,9 +464,32 @@ async fn fail_over(
         .as_ref()
         .map_or(confirmed, |f| f.since);
     let (old_name, new_name) = (&view.nodes[old].name, &view.nodes[candidate].name);
+    // What the election saw: every replica's position (received high-water included).
+    let positions: Vec<String> = view
+        .nodes
+        .iter()
+        .enumerate()
+        .filter(|(i, n)| *i != old && n.role == Role::Replica)
+        .map(|(_, n)| {
+            let s = n.sample.as_ref();
+            format!(
+                "{} at {} (receive {}, replay {}{})",
+                n.name,
+                n.wal_position().map_or("?".into(), |l| l.to_string()),
+                s.and_then(|s| s.receive_lsn)
+                    .map_or("-".into(), |l| l.to_string()),
+                s.and_then(|s| s.replay_lsn)
+                    .map_or("-".into(), |l| l.to_string()),
+                if n.replay_settled { ", settled" } else { "" },
+            )
+        })
+        .collect();
     shared.failover.event(
         old_name,
-        format!("primary lost ({cause}): promoting {new_name}"),
+        format!(
+            "primary lost ({cause}): promoting {new_name}; replicas: {}",
+            positions.join(", ")
+        ),
     );
     match promote_and_repoint(shared, Some(old), candidate).await {
         Ok((promote, repoint)) => {

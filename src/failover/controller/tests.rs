@@ -17,6 +17,11 @@ fn policy() -> Policy {
 }
 
 fn cluster() -> std::sync::Arc<Cluster> {
+    cluster_at([5000, 4900, 5000])
+}
+
+/// The primary and two replicas at these WAL positions.
+fn cluster_at(lsns: [u64; 3]) -> std::sync::Arc<Cluster> {
     let nodes: Vec<NodeConfig> = (1..=3)
         .map(|i| NodeConfig {
             name: format!("pg{i}"),
@@ -28,9 +33,9 @@ fn cluster() -> std::sync::Arc<Cluster> {
         })
         .collect();
     let c = Cluster::new(&nodes);
-    ok(&c, 0, Sample::for_tests(false, 5000));
-    ok(&c, 1, Sample::for_tests(true, 4900));
-    ok(&c, 2, Sample::for_tests(true, 5000));
+    for (i, lsn) in lsns.into_iter().enumerate() {
+        ok(&c, i, Sample::for_tests(i != 0, lsn));
+    }
     c
 }
 
@@ -61,7 +66,7 @@ fn fail(c: &Cluster, i: usize, kind: FailureKind, started: Instant) {
 /// Replicas that lost their WAL receiver, probed after the primary's second failed probe (the
 /// tests send it 100 ms after their start), both holding the same WAL (so priority decides).
 fn replicas_lost_the_primary(c: &Cluster) {
-    for (i, lsn) in [(1, 5000), (2, 5000)] {
+    for (i, lsn) in [(1, 5000), (2, 5000), (1, 5000), (2, 5000)] {
         let mut s = Sample::for_tests(true, lsn);
         s.streaming = false;
         s.started = Instant::now() + Duration::from_millis(150);
@@ -175,9 +180,7 @@ fn election_skips_laggards_and_no_failover_and_prefers_position() {
     };
     assert_eq!(elect(&view, Some(0), &strict, false), Ok(2));
     // Only laggards left: refused with the reasons, unless forced (then by priority).
-    let mut far = Sample::for_tests(true, 100);
-    far.receive_lsn = Some(Lsn(100));
-    ok(&c, 2, far);
+    let c = cluster_at([5000, 4900, 100]);
     let err = elect(&c.view(), Some(0), &strict, false).unwrap_err();
     assert!(err.contains("pg2 is 100 bytes behind"), "{err}");
     assert!(err.contains("pg3 is 4900 bytes behind"), "{err}");
@@ -207,9 +210,7 @@ fn commits_acknowledged_without_a_standby_keep_replicas_that_lack_them_out() {
         ..policy()
     };
     assert_eq!(elect(&view, Some(0), &covered, false), Ok(2));
-    let mut behind = Sample::for_tests(true, 4940);
-    behind.receive_lsn = Some(Lsn(4940));
-    ok(&c, 2, behind);
+    let c = cluster_at([5000, 4900, 4940]);
     let err = elect(&c.view(), Some(0), &covered, false).unwrap_err();
     assert!(err.contains("lacks commits acknowledged"), "{err}");
     // An operator may still choose (PROMOTE), and another primary's window is irrelevant.
@@ -222,4 +223,41 @@ fn commits_acknowledged_without_a_standby_keep_replicas_that_lack_them_out() {
         ..policy()
     };
     assert!(elect(&c.view(), Some(0), &elsewhere, false).is_ok());
+}
+
+#[test]
+fn a_replica_holds_what_it_received_even_when_its_receiver_restarts() {
+    // PostgreSQL resets the receive position to a segment start when the WAL receiver
+    // restarts (it keeps trying once the primary is gone); the WAL stays on disk.
+    let c = cluster_at([5000, 4900, 5000]);
+    let mut reset = Sample::for_tests(true, 16);
+    reset.receive_lsn = Some(Lsn(16));
+    reset.replay_lsn = Some(Lsn(4000));
+    ok(&c, 2, reset);
+    assert_eq!(c.view().nodes[2].wal_position(), Some(Lsn(5000)));
+    assert_eq!(elect(&c.view(), Some(0), &policy(), false), Ok(2));
+    // On another timeline nothing of the old one counts.
+    let mut moved = Sample::for_tests(true, 300);
+    moved.timeline = Some(2);
+    ok(&c, 2, moved);
+    assert_eq!(c.view().nodes[2].wal_position(), Some(Lsn(300)));
+}
+
+#[test]
+fn after_a_crash_a_replica_still_replaying_is_not_evidence_yet() {
+    let c = cluster();
+    let t0 = Instant::now();
+    fail(&c, 0, FailureKind::Crash, t0);
+    fail(&c, 0, FailureKind::Crash, t0 + Duration::from_millis(100));
+    // One sample each after the crash: receivers gone, but replay may still be moving.
+    for i in 1..3 {
+        let mut s = Sample::for_tests(true, 5000);
+        s.streaming = false;
+        s.started = Instant::now() + Duration::from_millis(150);
+        ok(&c, i, s);
+    }
+    assert!(matches!(
+        assess(&c.view(), &policy(), t0),
+        Verdict::NeedEvidence { .. }
+    ));
 }
