@@ -273,13 +273,7 @@ async fn ssl_and_gssenc_requests_are_answered() {
     raw.send(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).await; // SSLRequest, TLS disabled
     assert_eq!(raw.read_byte().await, b'N');
     // And a normal startup still works on the same connection.
-    let mut out = bytes::BytesMut::new();
-    postgres_protocol::message::frontend::startup_message(
-        [("user", DEMO_USER), ("database", DEMO_DATABASE)],
-        &mut out,
-    )
-    .unwrap();
-    raw.send(&out).await;
+    raw.startup(DEMO_USER, DEMO_DATABASE).await;
     let m = raw.recv().await.unwrap();
     assert_eq!(
         (m.tag, &m.body[..4]),
@@ -316,13 +310,7 @@ async fn probes_report_roles_wal_positions_and_lag() {
 /// Opens a connection that sends a startup packet and then nothing (stuck in SCRAM).
 async fn stalled_login(port: u16) -> Raw {
     let mut raw = Raw::connect(port).await;
-    let mut out = bytes::BytesMut::new();
-    postgres_protocol::message::frontend::startup_message(
-        [("user", DEMO_USER), ("database", DEMO_DATABASE)],
-        &mut out,
-    )
-    .unwrap();
-    raw.send(&out).await;
+    raw.startup(DEMO_USER, DEMO_DATABASE).await;
     raw
 }
 

@@ -103,12 +103,18 @@ impl Raw {
         panic!("connection closed before ReadyForQuery: {out:?}");
     }
 
+    /// Sends a StartupMessage for `user` and `db`.
+    pub async fn startup(&mut self, user: &str, db: &str) {
+        let mut out = BytesMut::new();
+        frontend::startup_message([("user", user), ("database", db)], &mut out).unwrap();
+        self.send(&out).await;
+    }
+
     /// Startup and SCRAM authentication; returns after the first ReadyForQuery.
     pub async fn login(port: u16, user: &str, password: &str, db: &str) -> Raw {
         let mut raw = Raw::connect(port).await;
+        raw.startup(user, db).await;
         let mut out = BytesMut::new();
-        frontend::startup_message([("user", user), ("database", db)], &mut out).unwrap();
-        raw.send(&out).await;
         let mut scram = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
         loop {
             let m = raw.recv().await.expect("server closed during login");
