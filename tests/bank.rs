@@ -118,13 +118,13 @@ fn psql(c: &DevCluster, i: usize, sql: &str) -> String {
 }
 
 /// Not in the default run: on this machine it still loses 2 to 8 of about 85,000 acknowledged
-/// transfers over 10 crashes (one per failover or two, committed in the last ~100 ms before a
-/// crash that came right after a rewound node rejoined the synchronous list), although both
-/// replicas hold identical WAL when one is promoted and no COMMIT reaches a server outside
-/// its transaction. The totals and the per-account checks hold. Run it with
-/// `cargo test --test bank -- --ignored`.
+/// transfers over 10 crashes (one per failover or two, acknowledged in the last ~100 ms
+/// before a crash, the first crash included), although both replicas hold identical WAL
+/// when one is promoted and no COMMIT reaches a server outside its transaction. The totals
+/// and the per-account checks hold. The dev cluster runs with `fsync = off`, which is worth
+/// ruling out first. Run it with `cargo test --test bank -- --ignored`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "loses a few acknowledged commits per 10 crashes: cause not found yet (see the doc comment)"]
+#[ignore = "loses a few acknowledged commits per 10 crashes: cause not found yet"]
 async fn transfers_survive_primary_kills_without_losing_or_splitting_any() {
     let c = Arc::new(start_cluster(DevClusterOptions::default()));
     psql(&c, 0, SCHEMA);
