@@ -89,8 +89,12 @@ async fn clean(table: &str) {
     diff::run(port, LOGIN, &steps).await;
 }
 
-/// Runs `steps` directly and through `proxy`; the first divergence, if any.
-async fn compare(proxy: &TestProxy, table: &str, steps: &[Step]) -> Option<String> {
+/// Runs `steps` directly and then through `proxy`, each on a clean table.
+async fn run_both(
+    proxy: &TestProxy,
+    table: &str,
+    steps: &[Step],
+) -> (diff::Transcript, diff::Transcript) {
     clean(table).await;
     let direct = diff::run(cluster().port(0), LOGIN, steps).await;
     assert!(
@@ -99,6 +103,12 @@ async fn compare(proxy: &TestProxy, table: &str, steps: &[Step]) -> Option<Strin
     );
     clean(table).await;
     let proxied = diff::run(proxy.port(), LOGIN, steps).await;
+    (direct, proxied)
+}
+
+/// Runs `steps` directly and through `proxy`; the first divergence, if any.
+async fn compare(proxy: &TestProxy, table: &str, steps: &[Step]) -> Option<String> {
+    let (direct, proxied) = run_both(proxy, table, steps).await;
     first_divergence(steps, &direct, &proxied)
 }
 
@@ -107,10 +117,7 @@ async fn compare(proxy: &TestProxy, table: &str, steps: &[Step]) -> Option<Strin
 async fn minimize(proxy: &TestProxy, table: &str, steps: Vec<Step>, at: usize) -> String {
     let mut steps = steps[..=at.min(steps.len() - 1)].to_vec();
     let diverges = |steps: Vec<Step>| async move {
-        clean(table).await;
-        let direct = diff::run(cluster().port(0), LOGIN, &steps).await;
-        clean(table).await;
-        let proxied = diff::run(proxy.port(), LOGIN, &steps).await;
+        let (direct, proxied) = run_both(proxy, table, &steps).await;
         (diff::divergence_index(&direct, &proxied) == Some(steps.len() - 1))
             .then(|| first_divergence(&steps, &direct, &proxied).unwrap_or_default())
     };
@@ -134,10 +141,7 @@ async fn minimize(proxy: &TestProxy, table: &str, steps: Vec<Step>, at: usize) -
 
 /// Runs `steps` directly and through `proxy`; the index of the first divergence, if any.
 async fn divergence_at(proxy: &TestProxy, table: &str, steps: &[Step]) -> Option<usize> {
-    clean(table).await;
-    let direct = diff::run(cluster().port(0), LOGIN, steps).await;
-    clean(table).await;
-    let proxied = diff::run(proxy.port(), LOGIN, steps).await;
+    let (direct, proxied) = run_both(proxy, table, steps).await;
     diff::divergence_index(&direct, &proxied)
 }
 

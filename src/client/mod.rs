@@ -78,13 +78,8 @@ async fn run(tcp: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) -> Result<(
     let deadline = tokio::time::Instant::now() + config.proxy.client_login_timeout.0;
     if shared.logins.fetch_add(1, Ordering::AcqRel) >= config.proxy.max_client_conn {
         shared.logins.fetch_sub(1, Ordering::AcqRel);
-        let mut tcp = tcp;
-        let mut out = BytesMut::new();
-        let e = ClientError::TooManyClients;
-        if let Some((severity, code, message)) = e.response() {
-            backend::error_response(&mut out, severity, code, &message);
-            let _ = tcp.write_all(&out).await;
-        }
+        let (mut tcp, e) = (tcp, ClientError::TooManyClients);
+        send_error(&mut tcp, &e).await;
         return Err(e);
     }
     let login = LoginSlot(shared);

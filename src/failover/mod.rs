@@ -433,15 +433,8 @@ fn keep_synchronous_names(shared: &Arc<Shared>, view: &ClusterView, cfg: &Cluste
         if shared.failover.sync_applied.lock().as_ref() != Some(&key) {
             return; // superseded by a newer value, written after this one
         }
-        match actions::set_synchronous_names(&cfg, &node, &value).await {
-            Ok(()) => {
-                shared
-                    .failover
-                    .event(&node.name, format!("synchronous_standby_names = '{value}'"));
-                note_synchronous(&shared, &cfg, &node, &value).await;
-            }
-            Err(e) => {
-                warn!(node = %node.name, error = %e, "cannot set synchronous_standby_names");
+        if !apply_synchronous_names(&shared, &cfg, &node, &value).await {
+            {
                 let mut applied = shared.failover.sync_applied.lock();
                 if applied.as_ref() == Some(&key) {
                     *applied = None;
@@ -449,6 +442,30 @@ fn keep_synchronous_names(shared: &Arc<Shared>, view: &ClusterView, cfg: &Cluste
             }
         }
     });
+}
+
+/// Writes `value` as `primary`'s `synchronous_standby_names`, logs it, and records what it
+/// means for a later election (see `note_synchronous`). False when it could not be written.
+async fn apply_synchronous_names(
+    shared: &Arc<Shared>,
+    cfg: &ClusterConfig,
+    primary: &NodeStatus,
+    value: &str,
+) -> bool {
+    match actions::set_synchronous_names(cfg, primary, value).await {
+        Ok(()) => {
+            shared.failover.event(
+                &primary.name,
+                format!("synchronous_standby_names = '{value}'"),
+            );
+            note_synchronous(shared, cfg, primary, value).await;
+            true
+        }
+        Err(e) => {
+            warn!(node = %primary.name, error = %e, "cannot set synchronous_standby_names");
+            false
+        }
+    }
 }
 
 async fn fail_over(
@@ -551,18 +568,11 @@ pub(super) async fn promote_and_repoint(
     let others = live_replicas(&view, &except);
     if cfg.synchronous {
         let value = wanted_names(&view, &cfg, candidate, others.clone());
-        match actions::set_synchronous_names(&cfg, &node, &value).await {
-            Ok(()) => {
-                shared
-                    .failover
-                    .event(&node.name, format!("synchronous_standby_names = '{value}'"));
-                // The old primary's unsynchronised commits were weighed in the election; the
-                // new one starts synchronous unless no replica is live.
-                *shared.failover.unsynced.lock() = None;
-                note_synchronous(shared, &cfg, &node, &value).await;
-                *shared.failover.sync_applied.lock() = Some((node.name.clone(), value));
-            }
-            Err(e) => warn!(node = %node.name, error = %e, "cannot set synchronous_standby_names"),
+        // The old primary's unsynchronised commits were weighed in the election; the new one
+        // starts synchronous unless no replica is live.
+        *shared.failover.unsynced.lock() = None;
+        if apply_synchronous_names(shared, &cfg, &node, &value).await {
+            *shared.failover.sync_applied.lock() = Some((node.name.clone(), value));
         }
     }
     shared.cluster.install_primary(candidate, &sample);

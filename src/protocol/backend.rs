@@ -125,35 +125,32 @@ impl std::fmt::Display for ErrorFields {
 /// An ErrorResponse or NoticeResponse with its message field (`M`) replaced by what `f`
 /// makes of it; `None` when `f` changes nothing. Other fields are kept byte for byte.
 pub fn rewrite_message(frame: &Frame, f: impl Fn(&[u8]) -> Option<Vec<u8>>) -> Option<BytesMut> {
-    let mut fields = Vec::new();
-    let mut b = frame.body();
-    let mut changed = false;
-    while let [kind, rest @ ..] = b {
-        if *kind == 0 {
-            break;
-        }
-        b = rest;
-        let value = super::codec::get_cbytes(&mut b).ok()?;
-        let value = match (*kind == b'M').then(|| f(value)).flatten() {
-            Some(v) => {
-                changed = true;
-                std::borrow::Cow::Owned(v)
-            }
-            None => std::borrow::Cow::Borrowed(value),
+    // Find the message field and ask `f`; only a changed message rebuilds the frame.
+    let body = frame.body();
+    let mut b = body;
+    let mut at = 0;
+    let (start, end, replaced) = loop {
+        let [kind, rest @ ..] = b else {
+            return None;
         };
-        fields.push((*kind, value));
-    }
-    if !changed {
-        return None;
-    }
+        if *kind == 0 {
+            return None;
+        }
+        let mut tail = rest;
+        let value = super::codec::get_cbytes(&mut tail).ok()?;
+        let start = at + 1;
+        let end = start + value.len();
+        if *kind == b'M' {
+            break (start, end, f(value)?);
+        }
+        at = end + 1;
+        b = tail;
+    };
     let mut out = BytesMut::new();
     write_message(&mut out, frame.tag, |buf| {
-        for (kind, value) in &fields {
-            buf.put_u8(*kind);
-            buf.extend_from_slice(value);
-            buf.put_u8(0);
-        }
-        buf.put_u8(0);
+        buf.extend_from_slice(&body[..start]);
+        buf.extend_from_slice(&replaced);
+        buf.extend_from_slice(&body[end..]);
     });
     Some(out)
 }
@@ -317,6 +314,32 @@ pub fn command_complete(buf: &mut BytesMut, tag: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rewrite_message_changes_only_the_message_field() {
+        let mut b = BytesMut::new();
+        error_response(
+            &mut b,
+            Severity::Error,
+            "08P01",
+            "statement \"pgp1_2\" requires 0",
+        );
+        let frame = Frame::from_raw(b).unwrap();
+        assert!(rewrite_message(&frame, |_| None).is_none());
+        let out = rewrite_message(&frame, |m| {
+            Some(
+                String::from_utf8_lossy(m)
+                    .replace("pgp1_2", "s1")
+                    .into_bytes(),
+            )
+        })
+        .unwrap();
+        let f = ErrorFields::parse(&Frame::from_raw(out).unwrap()).unwrap();
+        assert_eq!(
+            (f.severity.as_str(), f.code.as_str(), f.message.as_str()),
+            ("ERROR", "08P01", "statement \"s1\" requires 0")
+        );
+    }
 
     #[test]
     fn error_response_roundtrips_through_the_view() {
