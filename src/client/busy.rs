@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use super::prepared::{
     Disposition, Expect, Rewriter, SHAPE_CHANGED, ServerStatements, check_request, copy_in_started,
-    failed_parses, on_check_answer, on_response, unchecked_statements,
+    failed_parses, on_check_answer, on_response, unanswered_parses, unchecked_statements,
 };
 use super::settings::Settings;
 use super::txn::{BusyEnd, Held, LocalReply, Txn};
@@ -615,6 +615,10 @@ impl Drive<'_> {
     }
 
     fn lost<R, W>(&mut self, txn: &mut Txn<'_, R, W>, why: String) -> (BusyEnd, Disposal) {
+        // Parses the server never answered did not happen: retried, they are sent again.
+        for (client, server) in unanswered_parses(&self.expect) {
+            txn.statements.parse_failed(&client, server.as_deref());
+        }
         if txn.pinned {
             // Session state (LISTEN, locks, temp tables, SET ROLE) went with the server and
             // cannot be rebuilt: the client is closed, as a direct connection would be.

@@ -27,9 +27,21 @@ pub struct ShapeChanged;
 /// skips up to the next Sync, as (client name, server name); "" names the unnamed statement.
 /// Call before `on_response` consumes the expectations.
 pub fn failed_parses(expect: &VecDeque<Expect>) -> Vec<(String, Option<String>)> {
+    client_parses(
+        expect
+            .iter()
+            .take_while(|e| !matches!(e, Expect::Ready { .. })),
+    )
+}
+
+/// Every client Parse still unanswered when the server was lost: none of them completed, so
+/// none may leave a statement behind (a retry sends them again).
+pub fn unanswered_parses(expect: &VecDeque<Expect>) -> Vec<(String, Option<String>)> {
+    client_parses(expect.iter())
+}
+
+fn client_parses<'a>(expect: impl Iterator<Item = &'a Expect>) -> Vec<(String, Option<String>)> {
     expect
-        .iter()
-        .take_while(|e| !matches!(e, Expect::Ready { .. }))
         .filter_map(|e| match e {
             Expect::Parse {
                 injected: false,

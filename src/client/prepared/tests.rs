@@ -338,3 +338,25 @@ fn a_refused_rewrite_leaves_the_connection_set_as_it_was() {
     assert!(rw.unverified, "a known shape must be checked first");
     assert!(lane.server.is_empty(), "nothing was prepared there");
 }
+
+#[test]
+fn a_parse_lost_with_its_server_can_be_sent_again() {
+    let mut client = ClientStatements::new(6);
+    let mut a = conn();
+    send(
+        &mut client,
+        &mut a,
+        vec![parse("s", "SELECT 1"), frame(b'S', |_| {})],
+        10,
+    );
+    // The server dies before answering: the Parse never completed.
+    for (c, s) in unanswered_parses(&a.expect) {
+        client.parse_failed(&c, s.as_deref());
+    }
+    assert!(client.get("s").is_none());
+    // Retried elsewhere, it is a new Parse, not a reuse of the name (no 42P05).
+    let mut b = conn();
+    let sent = send(&mut client, &mut b, vec![parse("s", "SELECT 1")], 10);
+    assert_eq!(sent.iter().filter(|t| t.0 == b'P').count(), 1);
+    assert!(client.get("s").is_some());
+}
