@@ -13,8 +13,9 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::time::Instant;
 
 use super::prepared::{
-    Disposition, Expect, Rewriter, SHAPE_CHANGED, ServerStatements, check_request, copy_in_started,
-    failed_parses, on_check_answer, on_response, unanswered_parses, unchecked_statements,
+    Disposition, Expect, Rewriter, SHAPE_CHANGED, SHAPE_CHANGED_AT, ServerStatements,
+    check_request, copy_in_started, failed_parses, on_check_answer, on_response, unanswered_parses,
+    unchecked_statements,
 };
 use super::settings::Settings;
 use super::txn::{BusyEnd, Held, LocalReply, Txn};
@@ -22,7 +23,7 @@ use super::unit::{Change, Meaning, Unit, meaning};
 use crate::config::ReadYourWrites;
 use crate::net::ServerStream;
 use crate::protocol::backend::{
-    self, ErrorFields, ReadyForQuery, TxStatus, parse_parameter_status,
+    self, ErrorFields, Origin, ReadyForQuery, TxStatus, parse_parameter_status,
 };
 use crate::protocol::codec::get_cstr;
 use crate::protocol::frontend;
@@ -46,6 +47,8 @@ struct Pending {
     wrote: bool,
     began: bool,
     sent: Instant,
+    /// The request is an error raised for the proxy: its ErrorResponse is shown as raised here.
+    origin: Option<Origin>,
 }
 
 enum Event {
@@ -286,9 +289,13 @@ impl Drive<'_> {
                                 continue;
                             }
                             LocalReply::Forward => {}
-                            LocalReply::Raise { code, message } => {
+                            LocalReply::Raise {
+                                code,
+                                message,
+                                origin,
+                            } => {
                                 // The transaction must abort on the server as well.
-                                unit = raising_unit(code, &message);
+                                unit = Unit::raising(code, &message, origin);
                                 m = meaning(&unit, &txn.statements, &txn.rules);
                             }
                         }
@@ -328,9 +335,10 @@ impl Drive<'_> {
         let (unit, m) = if checked.as_ref().is_ok_and(|ok| !ok) {
             // PostgreSQL's answer for a statement whose result shape changed; inside a
             // transaction it aborts it on the server too.
-            let raise = raising_unit(
+            let raise = Unit::raising(
                 crate::protocol::sqlstate::FEATURE_NOT_SUPPORTED,
                 SHAPE_CHANGED,
+                Some(SHAPE_CHANGED_AT),
             );
             raised = meaning(&raise, &txn.statements, &txn.rules);
             (raise, &raised)
@@ -339,6 +347,7 @@ impl Drive<'_> {
         };
         let readies = unit.readies();
         let partial = unit.is_partial();
+        let origin = unit.raised_at;
         let sent = Instant::now();
         if txn.status == TxStatus::Idle && self.tx_started.is_none() {
             self.tx_started = Some(sent);
@@ -383,6 +392,7 @@ impl Drive<'_> {
                     wrote,
                     began,
                     sent,
+                    origin,
                 });
                 self.backups
                     .push_back(if last { backup.take() } else { None });
@@ -461,8 +471,14 @@ impl Drive<'_> {
                         txn.statements.parse_failed(&client, server.as_deref());
                     }
                 }
-                // The client knows its statements by its own names, not the proxy's.
-                if let Some(raw) = backend::rewrite_message(&frame, |m| txn.statements.unrename(m))
+                // The client knows its statements by its own names, not the proxy's; and an
+                // error raised for the proxy is shown as PostgreSQL's own.
+                let raised_for_proxy = self.pending.front().and_then(|p| p.origin);
+                let rewritten = match raised_for_proxy {
+                    Some(o) => backend::reoriginate(&frame, o),
+                    None => backend::rewrite_message(&frame, |m| txn.statements.unrename(m)),
+                };
+                if let Some(raw) = rewritten
                     && let Ok(f) = Frame::from_raw(raw)
                 {
                     frame = f;
@@ -559,6 +575,7 @@ impl Drive<'_> {
             wrote: false,
             began: false,
             sent: now,
+            origin: None,
         });
         txn.stats.query(now.duration_since(p.sent));
         if !self.errored {
@@ -674,22 +691,4 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
     }
-}
-
-/// A request that makes the server raise `code` with `message`: an error the proxy must give
-/// inside a transaction also aborts that transaction where it runs.
-fn raising_unit(code: &str, message: &str) -> Unit {
-    let escaped = message.replace('\'', "''");
-    let sql = format!(
-        "DO $pgpilot$BEGIN RAISE EXCEPTION USING ERRCODE = '{code}', MESSAGE = '{escaped}'; END$pgpilot$"
-    );
-    let mut raw = BytesMut::new();
-    crate::protocol::codec::write_message(&mut raw, frontend::QUERY, |b| {
-        crate::protocol::codec::put_cstr(b, &sql)
-    });
-    let mut unit = Unit::default();
-    if let Ok(frame) = Frame::from_raw(raw) {
-        unit.push(frame);
-    }
-    unit
 }

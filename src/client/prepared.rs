@@ -630,8 +630,8 @@ pub fn copy_in_started(expect: &mut VecDeque<Expect>) -> bool {
 
 mod shape;
 pub use shape::{
-    SHAPE_CHANGED, ShapeChanged, check_request, failed_parses, on_check_answer, unanswered_parses,
-    unchecked_statements,
+    SHAPE_CHANGED, SHAPE_CHANGED_AT, ShapeChanged, check_request, failed_parses, on_check_answer,
+    unanswered_parses, unchecked_statements,
 };
 
 #[cfg(test)]

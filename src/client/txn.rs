@@ -20,7 +20,7 @@ use super::{ClientError, busy};
 use crate::app::Shared;
 use crate::config::{Config, ReplicaFallback, Routing};
 use crate::pool::PooledConn;
-use crate::protocol::backend::{self, Severity, TxStatus};
+use crate::protocol::backend::{self, Origin, Severity, TxStatus};
 use crate::protocol::frontend;
 use crate::protocol::{MessageReader, ProtocolError, sqlstate};
 use crate::router::classify::{FunctionRules, Route};
@@ -82,7 +82,12 @@ pub(super) enum LocalReply {
     Forward,
     /// It fails with this error; inside a transaction the server must raise it so that the
     /// transaction aborts there too.
-    Raise { code: &'static str, message: String },
+    /// `origin` says where PostgreSQL raises the same error, when it is one of its own.
+    Raise {
+        code: &'static str,
+        message: String,
+        origin: Option<Origin>,
+    },
 }
 
 /// How serving on one borrowed connection ended.
@@ -316,9 +321,14 @@ where
         match self.local_reply(m, &mut out) {
             LocalReply::Answered => self.send(&out).await.map(|_| true),
             LocalReply::Forward => Ok(false),
-            LocalReply::Raise { code, message } => {
+            LocalReply::Raise {
+                code,
+                message,
+                origin,
+            } => {
                 // No transaction is open on any server: the error is the whole answer.
-                self.error_then_ready(&mut out, code, &message, unit);
+                backend::error_response_from(&mut out, Severity::Error, code, &message, origin);
+                self.readies_after_error(&mut out, unit.readies());
                 self.send(&out).await.map(|_| true)
             }
         }
@@ -342,6 +352,7 @@ where
                 return LocalReply::Raise {
                     code: sqlstate::INVALID_PARAMETER_VALUE,
                     message: "invalid value for parameter \"pgpilot.route\": use primary, replica or auto".into(),
+                    origin: None,
                 };
             };
             self.route_setting = r;
@@ -365,6 +376,10 @@ where
                 return LocalReply::Raise {
                     code: sqlstate::UNDEFINED_PSTATEMENT,
                     message: format!("prepared statement \"{name}\" does not exist"),
+                    origin: Some(Origin {
+                        file: "prepare.c",
+                        routine: "FetchPreparedStatement",
+                    }),
                 };
             }
             Change::DeallocateAll if !self.pinned => {
@@ -504,10 +519,16 @@ where
     /// extended request discards the client's messages up to its Sync.
     fn error_then_ready(&mut self, out: &mut BytesMut, code: &str, msg: &str, unit: &Unit) {
         backend::error_response(out, Severity::Error, code, msg);
-        if unit.readies() == 0 {
+        self.readies_after_error(out, unit.readies());
+    }
+
+    /// What follows an error the proxy gives for a request: its ReadyForQuery answers, or, when
+    /// it has no Sync yet, skipping the rest of it until one comes.
+    fn readies_after_error(&mut self, out: &mut BytesMut, readies: usize) {
+        if readies == 0 {
             self.discard_until_sync = true;
         }
-        for _ in 0..unit.readies() {
+        for _ in 0..readies {
             backend::ready_for_query(out, self.status);
         }
     }
@@ -519,12 +540,7 @@ where
                 .unwrap_or((Severity::Error, sqlstate::INTERNAL_ERROR, e.to_string()));
         let mut out = BytesMut::new();
         backend::error_response(&mut out, Severity::Error, code, &message);
-        if readies == 0 {
-            self.discard_until_sync = true;
-        }
-        for _ in 0..readies {
-            backend::ready_for_query(&mut out, self.status);
-        }
+        self.readies_after_error(&mut out, readies);
         self.send(&out).await
     }
 

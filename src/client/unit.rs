@@ -2,8 +2,11 @@
 //! extended-protocol messages up to Sync (or Flush), routed as one unit. Also what a request
 //! means for routing (`Intent`) and which session changes it makes when it succeeds.
 
-use crate::protocol::Frame;
-use crate::protocol::frontend;
+use bytes::BytesMut;
+
+use crate::protocol::backend::Origin;
+use crate::protocol::codec::{put_cstr, write_message};
+use crate::protocol::{Frame, frontend};
 use crate::router::Intent;
 use crate::router::classify::{Analysis, FunctionRules, Route, SessionChange, analyze};
 
@@ -18,9 +21,30 @@ pub struct Unit {
     /// Sent before its end arrived (the rest follows on the same connection), as a server
     /// would take messages one by one.
     pub open: bool,
+    /// Made by the proxy to raise one of PostgreSQL's errors on the server (so that an open
+    /// transaction aborts there too): where PostgreSQL itself raises it.
+    pub raised_at: Option<Origin>,
 }
 
 impl Unit {
+    /// A request that makes the server raise `code` with `message`.
+    pub fn raising(code: &str, message: &str, origin: Option<Origin>) -> Unit {
+        let escaped = message.replace('\'', "''");
+        let sql = format!(
+            "DO $pgpilot$BEGIN RAISE EXCEPTION USING ERRCODE = '{code}', MESSAGE = '{escaped}'; END$pgpilot$"
+        );
+        let mut raw = BytesMut::new();
+        write_message(&mut raw, frontend::QUERY, |b| put_cstr(b, &sql));
+        let mut unit = Unit {
+            raised_at: origin,
+            ..Unit::default()
+        };
+        if let Ok(frame) = Frame::from_raw(raw) {
+            unit.push(frame);
+        }
+        unit
+    }
+
     /// True once `frame` completes the unit.
     pub fn push(&mut self, frame: Frame) -> bool {
         let done = matches!(

@@ -172,6 +172,26 @@ impl Severity {
 }
 
 pub fn error_response(buf: &mut BytesMut, severity: Severity, code: &str, message: &str) {
+    error_response_from(buf, severity, code, message, None);
+}
+
+/// Where in PostgreSQL an error the proxy gives on the server's behalf is raised. Drivers act
+/// on it: pgJDBC re-prepares after `0A000` only when the routine is `RevalidateCachedQuery`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    pub file: &'static str,
+    pub routine: &'static str,
+}
+
+/// An ErrorResponse, with PostgreSQL's file and routine fields when it stands for one of
+/// PostgreSQL's own errors (the line is left out: it depends on the server's build).
+pub fn error_response_from(
+    buf: &mut BytesMut,
+    severity: Severity,
+    code: &str,
+    message: &str,
+    origin: Option<Origin>,
+) {
     write_message(buf, ERROR_RESPONSE, |b| {
         for (kind, value) in [
             (b'S', severity.as_str()),
@@ -183,8 +203,49 @@ pub fn error_response(buf: &mut BytesMut, severity: Severity, code: &str, messag
         }
         b.put_u8(b'M');
         put_cstr(b, message);
+        put_origin(b, origin);
         b.put_u8(0);
     });
+}
+
+fn put_origin(b: &mut BytesMut, origin: Option<Origin>) {
+    if let Some(o) = origin {
+        b.put_u8(b'F');
+        put_cstr(b, o.file);
+        b.put_u8(b'R');
+        put_cstr(b, o.routine);
+    }
+}
+
+/// An ErrorResponse raised on the server for the proxy (a `DO … RAISE`) made to look as
+/// PostgreSQL's own: severity, code and message kept byte for byte; the PL/pgSQL context and
+/// source location replaced by `origin`. `None` when the frame is not an ErrorResponse.
+pub fn reoriginate(frame: &Frame, origin: Origin) -> Option<BytesMut> {
+    if frame.tag != ERROR_RESPONSE {
+        return None;
+    }
+    let mut b = frame.body();
+    let mut out = BytesMut::new();
+    write_message(&mut out, ERROR_RESPONSE, |buf| {
+        while let [kind, rest @ ..] = b {
+            if *kind == 0 {
+                break;
+            }
+            let mut tail = rest;
+            let Ok(value) = super::codec::get_cbytes(&mut tail) else {
+                break;
+            };
+            if matches!(kind, b'S' | b'V' | b'C' | b'M') {
+                buf.put_u8(*kind);
+                buf.extend_from_slice(value);
+                buf.put_u8(0);
+            }
+            b = tail;
+        }
+        put_origin(buf, Some(origin));
+        buf.put_u8(0);
+    });
+    Some(out)
 }
 
 /// A NOTICE with a message and an optional detail (used by the admin console).
@@ -339,6 +400,51 @@ mod tests {
             (f.severity.as_str(), f.code.as_str(), f.message.as_str()),
             ("ERROR", "08P01", "statement \"s1\" requires 0")
         );
+    }
+
+    #[test]
+    fn reoriginate_keeps_the_error_and_replaces_where_it_was_raised() {
+        let mut raw = BytesMut::new();
+        write_message(&mut raw, ERROR_RESPONSE, |b| {
+            for (k, v) in [
+                (b'S', "FEHLER"),
+                (b'V', "ERROR"),
+                (b'C', "0A000"),
+                (b'M', "cached plan must not change result type"),
+                (b'W', "PL/pgSQL function inline_code_block line 1 at RAISE"),
+                (b'F', "pl_exec.c"),
+                (b'L', "3911"),
+                (b'R', "exec_stmt_raise"),
+            ] {
+                b.put_u8(k);
+                put_cstr(b, v);
+            }
+            b.put_u8(0);
+        });
+        let origin = Origin {
+            file: "plancache.c",
+            routine: "RevalidateCachedQuery",
+        };
+        let out = reoriginate(&Frame::from_raw(raw).unwrap(), origin).unwrap();
+        let mut expected = BytesMut::new();
+        write_message(&mut expected, ERROR_RESPONSE, |b| {
+            for (k, v) in [
+                (b'S', "FEHLER"),
+                (b'V', "ERROR"),
+                (b'C', "0A000"),
+                (b'M', "cached plan must not change result type"),
+                (b'F', "plancache.c"),
+                (b'R', "RevalidateCachedQuery"),
+            ] {
+                b.put_u8(k);
+                put_cstr(b, v);
+            }
+            b.put_u8(0);
+        });
+        assert_eq!(out, expected);
+        let mut notice_raw = BytesMut::new();
+        notice(&mut notice_raw, "hello", None);
+        assert!(reoriginate(&Frame::from_raw(notice_raw).unwrap(), origin).is_none());
     }
 
     #[test]

@@ -190,8 +190,10 @@ pub fn escape(b: &[u8]) -> String {
 /// two apart. Allowed differences, each with its reason:
 /// - BackendKeyData: the proxy gives each client a key of its own (cancel is mapped).
 /// - the sender's pid in a NotificationResponse: the server process differs by design.
-/// - an ErrorResponse's or NoticeResponse's file, line, routine and context fields: they
-///   name PostgreSQL's source location, not what happened.
+/// - an ErrorResponse's or NoticeResponse's line field: an error the proxy gives on the
+///   server's behalf names PostgreSQL's file and routine (drivers act on the routine: pgJDBC
+///   re-prepares after `0A000` only from `RevalidateCachedQuery`) but not the line, which
+///   depends on the server's build.
 /// - the ParameterStatus values of the startup phase are consumed by the login, not compared.
 /// - a RowDescription's table OIDs: each run creates its table afresh.
 pub fn normalize(m: &Msg) -> Option<String> {
@@ -205,7 +207,7 @@ pub fn normalize(m: &Msg) -> Option<String> {
                     break;
                 }
                 let end = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
-                if matches!(k, b'S' | b'C' | b'M' | b'D' | b'H' | b'P') {
+                if *k != b'L' {
                     let _ = write!(s, "{}={} ", *k as char, escape(&tail[..end]));
                 }
                 rest = tail.get(end + 1..).unwrap_or_default();

@@ -12,11 +12,17 @@ use bytes::BytesMut;
 use super::{
     ClientStatements, Expect, ServerStatements, Statement, bind_view, encode_target, target_view,
 };
+use crate::protocol::backend::Origin;
 use crate::protocol::codec::write_message;
 use crate::protocol::{Frame, frontend};
 
 /// The error PostgreSQL gives for a prepared statement whose result shape changed.
 pub const SHAPE_CHANGED: &str = "cached plan must not change result type";
+/// Where PostgreSQL raises it; pgJDBC re-prepares and retries only an error from there.
+pub const SHAPE_CHANGED_AT: Origin = Origin {
+    file: "plancache.c",
+    routine: "RevalidateCachedQuery",
+};
 
 /// A request executes a statement whose result shape changed since the client prepared it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
