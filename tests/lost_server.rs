@@ -130,6 +130,77 @@ async fn commit_after_the_server_died_is_an_error() {
     assert_eq!(rows("lost_commit").await, "1");
 }
 
+/// The bank drill's lost commits: a driver sends a Close for a dropped statement (and
+/// ignores its answer) before COMMIT. The Close takes the error; the COMMIT must still fail,
+/// never answer the ROLLBACK tag a client takes for success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_after_an_ignored_error_in_a_lost_transaction_still_fails() {
+    let proxy = start_proxy(primary_only()).await;
+    let client = proxy.connect().await;
+    client
+        .batch_execute("CREATE TABLE lost_ignored (v text)")
+        .await
+        .unwrap();
+    client.batch_execute("BEGIN").await.unwrap();
+    let insert = client
+        .prepare("INSERT INTO lost_ignored VALUES ('first')")
+        .await
+        .unwrap();
+    client.execute(&insert, &[]).await.unwrap();
+    terminate(backend_pid(&client).await).await;
+    // Close + Sync, answered (with the lost transaction's error) and ignored by the driver.
+    drop(insert);
+    let err = client
+        .batch_execute("COMMIT")
+        .await
+        .expect_err("COMMIT of a lost transaction must fail");
+    assert_eq!(sqlstate(&err), Some("08006"), "{err}");
+    assert_eq!(rows("lost_ignored").await, "0");
+    client
+        .batch_execute("INSERT INTO lost_ignored VALUES ('after')")
+        .await
+        .unwrap();
+    assert_eq!(rows("lost_ignored").await, "1");
+}
+
+/// `ROLLBACK TO SAVEPOINT` (what pgJDBC's autosave sends after an error) cannot bring back a
+/// transaction whose server died: the rest of it must not run in autocommit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_to_a_savepoint_of_a_lost_transaction_is_not_its_end() {
+    let proxy = start_proxy(primary_only()).await;
+    let client = proxy.connect().await;
+    client
+        .batch_execute("CREATE TABLE lost_savepoint (v text)")
+        .await
+        .unwrap();
+    client
+        .batch_execute("BEGIN; SAVEPOINT a; INSERT INTO lost_savepoint VALUES ('first')")
+        .await
+        .unwrap();
+    terminate(backend_pid(&client).await).await;
+    let err = client
+        .batch_execute("INSERT INTO lost_savepoint VALUES ('second')")
+        .await
+        .expect_err("the transaction is gone");
+    assert_eq!(sqlstate(&err), Some("08006"), "{err}");
+    let err = client
+        .batch_execute("ROLLBACK TO SAVEPOINT a")
+        .await
+        .expect_err("the savepoint went with the server");
+    assert_eq!(sqlstate(&err), Some("25P02"), "{err}");
+    let err = client
+        .batch_execute("INSERT INTO lost_savepoint VALUES ('third')")
+        .await
+        .expect_err("still inside the lost transaction");
+    assert_eq!(sqlstate(&err), Some("25P02"), "{err}");
+    let err = client
+        .batch_execute("COMMIT")
+        .await
+        .expect_err("not committed");
+    assert_eq!(sqlstate(&err), Some("08006"), "{err}");
+    assert_eq!(rows("lost_savepoint").await, "0", "nothing of it committed");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_in_transaction_timeout_is_not_hidden() {
     let proxy = start_proxy(primary_only()).await;

@@ -330,7 +330,6 @@ where
         route_setting: crate::router::classify::Route::Auto,
         session_read_only: false,
         last_write: None,
-        failed_tx: false,
         lost_tx: None,
         discard_until_sync: false,
         status: TxStatus::Idle,

@@ -207,7 +207,7 @@ where
         let ok = size <= MAX_QUERY
             && self.status == TxStatus::Idle
             && !self.pinned
-            && !self.failed_tx
+            && self.lost_tx.is_none()
             && m.intent.read_only
             && m.intent.begin.is_none()
             && !m.intent.sticky

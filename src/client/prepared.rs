@@ -14,7 +14,7 @@ use super::unit::{Change, changes_of};
 use crate::protocol::codec::{get_cbytes, get_cstr, put_cstr, write_message};
 use crate::protocol::frontend;
 use crate::protocol::{Frame, ProtocolError};
-use crate::router::classify::FunctionRules;
+use crate::router::classify::{FunctionRules, TxEnd};
 
 /// What routing needs to know about a statement, computed once at Parse.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,7 +23,7 @@ pub struct StatementClass {
     pub begin: Option<bool>,
     pub pins: bool,
     /// ROLLBACK / COMMIT / ABORT / END.
-    pub ends_tx: bool,
+    pub ends_tx: Option<TxEnd>,
 }
 
 impl StatementClass {

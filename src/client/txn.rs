@@ -52,11 +52,9 @@ pub(super) struct Txn<'a, R, W> {
     pub session_read_only: bool,
     /// When this client last committed a write (read-your-writes).
     pub last_write: Option<Instant>,
-    /// The server of an open transaction was lost: answer until the client rolls back.
-    pub failed_tx: bool,
-    /// The server of a transaction the client was idle in was lost; the next request gets
-    /// this reason with `08006`.
-    pub lost_tx: Option<String>,
+    /// The server of the client's open transaction was lost: answered here until the client
+    /// ends the transaction.
+    pub lost_tx: Option<LostTx>,
     /// Extended-protocol messages are discarded up to the next Sync after an error.
     pub discard_until_sync: bool,
     pub status: TxStatus,
@@ -88,6 +86,14 @@ pub(super) enum LocalReply {
         message: String,
         origin: Option<Origin>,
     },
+}
+
+/// A transaction whose server was lost: nothing more of it runs anywhere.
+#[derive(Debug)]
+pub struct LostTx {
+    pub why: String,
+    /// An error already answered one of the client's requests in it.
+    pub told: bool,
 }
 
 /// How serving on one borrowed connection ended.
@@ -222,7 +228,7 @@ where
                 }
                 BusyEnd::TxLost(why) => {
                     self.shared.cluster.probe_now(node);
-                    self.lost_tx = Some(why);
+                    self.lost_tx = Some(LostTx { why, told: false });
                     return Ok(());
                 }
                 BusyEnd::SessionLost(why) => {
@@ -283,30 +289,32 @@ where
         m: &super::unit::Meaning,
     ) -> Result<bool, ClientError> {
         let mut out = BytesMut::new();
-        if let Some(why) = self.lost_tx.take() {
-            // Nothing of the request runs: the transaction it belongs to is gone. A request
-            // that only ends the transaction leaves the client outside one, as a failed
-            // COMMIT does; anything else leaves it in a failed transaction.
-            let msg = format!(
-                "server connection lost while the transaction was idle ({why}); the transaction was rolled back"
-            );
-            if m.ends_tx_only {
-                self.status = TxStatus::Idle;
-            } else {
-                self.failed_tx = true;
-                self.status = TxStatus::Failed;
-            }
-            self.error_then_ready(&mut out, sqlstate::CONNECTION_FAILURE, &msg, unit);
-            return self.send(&out).await.map(|_| true);
-        }
-        if self.failed_tx {
-            if m.ends_tx_only {
-                self.failed_tx = false;
+        if let Some(LostTx { why, told }) = self.lost_tx.take() {
+            // Nothing of the request runs: the transaction it belongs to is gone.
+            if m.ends_tx_only && !m.commits {
                 self.status = TxStatus::Idle;
                 synthesize_ok(unit, "ROLLBACK", &mut out);
+            } else if m.ends_tx_only {
+                // Never the ROLLBACK tag PostgreSQL gives a COMMIT in a failed transaction:
+                // a client that missed the earlier error (drivers ignore the answer to a
+                // Close) would take it for a commit. A failed COMMIT ends the transaction.
+                self.status = TxStatus::Idle;
+                let msg = format!(
+                    "server connection lost ({why}): the transaction was rolled back, not committed"
+                );
+                self.error_then_ready(&mut out, sqlstate::CONNECTION_FAILURE, &msg, unit);
             } else {
-                let msg = "current transaction is aborted, commands ignored until end of transaction block";
-                self.error_then_ready(&mut out, "25P02", msg, unit);
+                self.status = TxStatus::Failed;
+                if told {
+                    let msg = "current transaction is aborted, commands ignored until end of transaction block";
+                    self.error_then_ready(&mut out, "25P02", msg, unit);
+                } else {
+                    let msg = format!(
+                        "server connection lost while the transaction was idle ({why}); the transaction was rolled back"
+                    );
+                    self.error_then_ready(&mut out, sqlstate::CONNECTION_FAILURE, &msg, unit);
+                }
+                self.lost_tx = Some(LostTx { why, told: true });
             }
             return self.send(&out).await.map(|_| true);
         }
@@ -552,7 +560,10 @@ where
         in_tx: bool,
     ) -> Result<(), ClientError> {
         if in_tx {
-            self.failed_tx = true;
+            self.lost_tx = Some(LostTx {
+                why: why.to_owned(),
+                told: true,
+            });
             self.status = TxStatus::Failed;
         } else {
             self.status = TxStatus::Idle;

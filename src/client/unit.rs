@@ -8,7 +8,7 @@ use crate::protocol::backend::Origin;
 use crate::protocol::codec::{put_cstr, write_message};
 use crate::protocol::{Frame, frontend};
 use crate::router::Intent;
-use crate::router::classify::{Analysis, FunctionRules, Route, SessionChange, analyze};
+use crate::router::classify::{Analysis, FunctionRules, Route, SessionChange, TxEnd, analyze};
 
 use super::prepared::{
     ClientStatements, Parsed, StatementClass, bind_statement, parse_name, parse_query,
@@ -105,6 +105,8 @@ pub struct Meaning {
     pub intent: Intent,
     pub changes: Vec<Change>,
     pub ends_tx_only: bool,
+    /// Some statement in it commits (COMMIT / END): with `ends_tx_only`, a commit request.
+    pub commits: bool,
     /// A lone `SET pgpilot.route = ...`: answered by the proxy.
     pub route_setting_only: Option<Option<Route>>,
     /// What each Parse in the unit prepares, in order (so it is classified only once).
@@ -200,7 +202,8 @@ pub fn meaning(unit: &Unit, statements: &ClientStatements, rules: &FunctionRules
                 m.intent.begin = m.intent.begin.or(a.begin);
                 m.intent.hint = m.intent.hint.or(a.hint);
                 m.intent.sticky |= a.pins;
-                m.ends_tx_only &= a.ends_tx;
+                m.ends_tx_only &= a.ends_tx.is_some();
+                m.commits |= a.ends_tx == Some(TxEnd::Commit);
                 saw_statement = true;
                 if f.tag == frontend::QUERY && a.statements == 1 {
                     m.single_statement = unit.frames.len() == 1;
@@ -226,7 +229,8 @@ pub fn meaning(unit: &Unit, statements: &ClientStatements, rules: &FunctionRules
                     let class = stmt.class;
                     m.intent.read_only &= class.read_only;
                     m.intent.begin = m.intent.begin.or(class.begin);
-                    m.ends_tx_only &= class.ends_tx;
+                    m.ends_tx_only &= class.ends_tx.is_some();
+                    m.commits |= class.ends_tx == Some(TxEnd::Commit);
                     saw_statement = true;
                 } else if !unit.frames.iter().any(|p| p.tag == frontend::PARSE) {
                     // A statement we never saw: assume the worst.

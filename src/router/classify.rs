@@ -59,8 +59,17 @@ pub struct Analysis<'a> {
     /// Session changes in statement order (at most a few; more are summarised by `pins`).
     pub changes: Vec<SessionChange<'a>>,
     pub statements: usize,
-    /// A single ROLLBACK / COMMIT / ABORT / END.
-    pub ends_tx: bool,
+    /// A single statement that ends the transaction block: COMMIT / END or ROLLBACK / ABORT
+    /// (not `ROLLBACK TO`, `… PREPARED` or `… AND CHAIN`, which leave a transaction open or
+    /// act on another one).
+    pub ends_tx: Option<TxEnd>,
+}
+
+/// How a statement ends the transaction block it runs in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxEnd {
+    Commit,
+    Rollback,
 }
 
 /// Functions that make an otherwise read-only statement a write.
@@ -310,7 +319,7 @@ pub fn analyze<'a>(sql: &'a str, rules: &FunctionRules) -> Analysis<'a> {
         pins: false,
         changes: Vec::new(),
         statements: 0,
-        ends_tx: false,
+        ends_tx: None,
     };
     let mut scan = Scan::default();
     loop {
@@ -334,7 +343,9 @@ pub fn analyze<'a>(sql: &'a str, rules: &FunctionRules) -> Analysis<'a> {
         // Empty text is harmless anywhere.
         a.read_only = true;
     }
-    a.ends_tx &= a.statements == 1;
+    if a.statements != 1 {
+        a.ends_tx = None;
+    }
     a
 }
 
@@ -358,9 +369,22 @@ fn finish<'a>(a: &mut Analysis<'a>, s: &Scan<'a>, sql: &'a str) {
             a.begin = Some(s.read_only_words && !s.read_write_words);
             true
         }
-        "commit" | "end" | "rollback" | "abort" => {
-            a.ends_tx = true;
-            true
+        verb @ ("commit" | "end" | "rollback" | "abort") => {
+            if s.is(1, "prepared") {
+                // Two-phase commit of another transaction: a write, never inside a block.
+                false
+            } else {
+                let to_savepoint =
+                    s.is(1, "to") || (s.is(2, "to") && (s.is(1, "work") || s.is(1, "transaction")));
+                let chained = (1..HEAD).any(|i| s.is(i, "chain") && !s.is(i - 1, "no"));
+                let how = if matches!(verb, "commit" | "end") {
+                    TxEnd::Commit
+                } else {
+                    TxEnd::Rollback
+                };
+                a.ends_tx = (!to_savepoint && !chained).then_some(how);
+                true
+            }
         }
         "set" => classify_set(a, s, text),
         "reset" => {

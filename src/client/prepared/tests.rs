@@ -247,8 +247,35 @@ fn an_error_undoes_skipped_parses() {
 fn classes() {
     let rules = FunctionRules::default();
     assert!(StatementClass::of("SELECT 1", &rules).read_only);
-    assert!(StatementClass::of("rollback", &rules).ends_tx);
-    assert!(!StatementClass::of("ROLLBACK; SELECT 1", &rules).ends_tx);
+    assert_eq!(
+        StatementClass::of("rollback", &rules).ends_tx,
+        Some(TxEnd::Rollback)
+    );
+    assert_eq!(
+        StatementClass::of("END", &rules).ends_tx,
+        Some(TxEnd::Commit)
+    );
+    assert_eq!(
+        StatementClass::of("ROLLBACK; SELECT 1", &rules).ends_tx,
+        None
+    );
+    // These leave a transaction open, or act on a prepared one.
+    for sql in [
+        "ROLLBACK TO SAVEPOINT a",
+        "rollback to a",
+        "ROLLBACK WORK TO a",
+        "COMMIT AND CHAIN",
+        "rollback transaction and chain",
+    ] {
+        assert_eq!(StatementClass::of(sql, &rules).ends_tx, None, "{sql}");
+    }
+    assert_eq!(
+        StatementClass::of("COMMIT AND NO CHAIN", &rules).ends_tx,
+        Some(TxEnd::Commit)
+    );
+    let prepared = StatementClass::of("COMMIT PREPARED 'x'", &rules);
+    assert_eq!(prepared.ends_tx, None);
+    assert!(!prepared.read_only, "a two-phase commit writes");
     assert_eq!(
         StatementClass::of("BEGIN READ ONLY", &rules).begin,
         Some(true)
