@@ -28,7 +28,9 @@ const PROBE_SQL: &str = "SELECT pg_is_in_recovery(), \
     (SELECT system_identifier FROM pg_control_system()), \
     (SELECT status FROM pg_stat_wal_receiver), \
     (SELECT extract(epoch FROM clock_timestamp() - last_msg_receipt_time) FROM pg_stat_wal_receiver), \
-    (SELECT setting FROM pg_settings WHERE name = 'wal_receiver_timeout')";
+    (SELECT setting FROM pg_settings WHERE name = 'wal_receiver_timeout'), \
+    (SELECT conninfo FROM pg_stat_wal_receiver), \
+    current_setting('cluster_name')";
 
 /// How a probe failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,6 +135,9 @@ pub struct Sample {
     pub receipt_age: Option<f64>,
     /// The node's `wal_receiver_timeout` in milliseconds (0 = disabled).
     pub wal_receiver_timeout_ms: Option<u64>,
+    /// The `application_name` this standby's WAL receiver gives its primary (what
+    /// `synchronous_standby_names` must name); `None` when it is not known.
+    pub standby_name: Option<String>,
     /// When the probe query was sent: every write acknowledged before this is covered by
     /// `current_lsn`.
     pub started: Instant,
@@ -184,6 +189,7 @@ impl Sample {
             streaming: in_recovery,
             receipt_age: in_recovery.then_some(0.1),
             wal_receiver_timeout_ms: Some(2000),
+            standby_name: None,
             started: Instant::now(),
             duration: Duration::from_millis(1),
         }
@@ -207,10 +213,28 @@ impl Sample {
             streaming: col(7) == Some("streaming"),
             receipt_age: col(8).and_then(|v| v.parse().ok()),
             wal_receiver_timeout_ms: col(9).and_then(|v| v.parse().ok()),
+            standby_name: col(10).map(|conninfo| reported_name(conninfo, col(11))),
             started,
             duration: started.elapsed(),
         })
     }
+}
+
+/// The `application_name` a WAL receiver connected with, from its `conninfo` as
+/// `pg_stat_wal_receiver` shows it (`key=value` pairs, values unquoted): `application_name`,
+/// else the fallback the receiver set (`cluster_name`, else `walreceiver`).
+fn reported_name(conninfo: &str, cluster_name: Option<&str>) -> String {
+    let value = |key: &str| {
+        conninfo
+            .split_whitespace()
+            .find_map(|pair| pair.strip_prefix(key)?.strip_prefix('='))
+            .filter(|v| !v.is_empty())
+    };
+    let name = value("application_name")
+        .or_else(|| value("fallback_application_name"))
+        .or(cluster_name.filter(|c| !c.is_empty()))
+        .unwrap_or("walreceiver");
+    name.to_owned()
 }
 
 pub(super) struct Prober {
@@ -347,5 +371,25 @@ impl Prober {
             ProbeError::new(FailureKind::Other, "no probe connection", Instant::now())
         })?;
         Sample::take(client).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reported_name;
+
+    #[test]
+    fn a_standby_is_known_by_the_name_its_receiver_reports() {
+        let shown = "user=rep password=******** dbname=replication host=127.0.0.1 port=5432 \
+                     application_name=standby_a fallback_application_name=pg2 sslmode=prefer";
+        assert_eq!(reported_name(shown, Some("pg2")), "standby_a");
+        let fallback = "user=rep host=127.0.0.1 port=5432 fallback_application_name=pg3";
+        assert_eq!(reported_name(fallback, Some("pg3")), "pg3");
+        assert_eq!(reported_name("host=a port=1", Some("east")), "east");
+        assert_eq!(reported_name("host=a port=1", Some("")), "walreceiver");
+        assert_eq!(
+            reported_name("host=a application_name= port=1", None),
+            "walreceiver"
+        );
     }
 }

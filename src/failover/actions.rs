@@ -112,6 +112,19 @@ pub async fn set_synchronous_names(
     alter_system(&client, "synchronous_standby_names", value).await
 }
 
+/// The names of the standbys streaming from `primary` when none of them is synchronous
+/// (`None`: one is, or none streams).
+pub async fn unmatched_standbys(
+    cfg: &ClusterConfig,
+    primary: &NodeStatus,
+) -> Result<Option<String>, String> {
+    let client = connect(cfg, primary).await?;
+    let sql = "SELECT string_agg(application_name, ', ' ORDER BY application_name) \
+               FROM pg_stat_replication WHERE state = 'streaming' \
+               HAVING count(*) > 0 AND count(*) FILTER (WHERE sync_state IN ('sync', 'quorum')) = 0";
+    query_value(&client, sql).await
+}
+
 pub async fn set_wal_receiver_timeout(
     cfg: &ClusterConfig,
     node: &NodeStatus,

@@ -17,7 +17,7 @@ use parking_lot::Mutex;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 pub use controller::{Cause, Policy, Verdict};
 pub use switchover::{SwitchoverError, promote, switchover};
@@ -32,6 +32,9 @@ const TICK: Duration = Duration::from_millis(50);
 const RETRY_AFTER: Duration = Duration::from_secs(30);
 pub(super) const HOOK_LIMIT: Duration = Duration::from_secs(300);
 const EVENTS_KEPT: usize = 200;
+/// How long standbys get to follow a new `synchronous_standby_names` before a list that
+/// matches none of them is reported.
+const SYNC_MATCH_GRACE: Duration = Duration::from_secs(3);
 
 /// One promotion, as `SHOW FAILOVERS` lists it.
 #[derive(Debug, Clone)]
@@ -323,7 +326,7 @@ fn tune_receivers(shared: &Arc<Shared>, view: &ClusterView, cfg: &ClusterConfig,
     }
 }
 
-/// Healthy, unfenced replicas other than `except`, by name.
+/// Healthy, unfenced replicas other than `except`, by the names they stream under.
 fn live_replicas(view: &ClusterView, except: &[usize]) -> Vec<String> {
     let mut names: Vec<String> = view
         .nodes
@@ -332,10 +335,20 @@ fn live_replicas(view: &ClusterView, except: &[usize]) -> Vec<String> {
         .filter(|(i, n)| {
             !except.contains(i) && n.healthy && n.role == Role::Replica && n.fenced.is_none()
         })
-        .map(|(_, n)| n.name.clone())
+        .map(|(_, n)| standby_name(n))
         .collect();
     names.sort();
+    names.dedup();
     names
+}
+
+/// The name `synchronous_standby_names` must use for `node`: the `application_name` its WAL
+/// receiver reports, or the node's name when that is not known (pgpilot's repoint sets it).
+fn standby_name(node: &NodeStatus) -> String {
+    node.sample
+        .as_ref()
+        .and_then(|s| s.standby_name.clone())
+        .unwrap_or_else(|| node.name.clone())
 }
 
 /// The `synchronous_standby_names` for the primary at `primary` whose live replicas are
@@ -353,9 +366,10 @@ fn wanted_names(
             .iter()
             .enumerate()
             .filter(|(i, n)| *i != primary && n.fenced != Some(Fence::Removed))
-            .map(|(_, n)| n.name.clone())
+            .map(|(_, n)| standby_name(n))
             .collect();
         others.sort();
+        others.dedup();
         return actions::synchronous_names(&others);
     }
     actions::synchronous_names(&live)
@@ -459,12 +473,33 @@ async fn apply_synchronous_names(
                 format!("synchronous_standby_names = '{value}'"),
             );
             note_synchronous(shared, cfg, primary, value).await;
+            if !value.is_empty() {
+                let (cfg, primary, value) = (cfg.clone(), primary.clone(), value.to_owned());
+                tokio::spawn(async move { check_synchronous_match(&cfg, &primary, &value).await });
+            }
             true
         }
         Err(e) => {
             warn!(node = %primary.name, error = %e, "cannot set synchronous_standby_names");
             false
         }
+    }
+}
+
+/// Once the standbys had time to reconnect under a new list: when standbys stream but none
+/// is synchronous, the list names none of them and every commit waits. Said at ERROR, with
+/// the names they do report.
+async fn check_synchronous_match(cfg: &ClusterConfig, primary: &NodeStatus, value: &str) {
+    tokio::time::sleep(SYNC_MATCH_GRACE).await;
+    match actions::unmatched_standbys(cfg, primary).await {
+        Ok(Some(reported)) => error!(
+            node = %primary.name,
+            "synchronous_standby_names = '{value}' matches none of the standbys streaming from \
+             it ({reported}): every commit waits for a standby that is not there; give the \
+             replicas' primary_conninfo an application_name equal to their node name"
+        ),
+        Ok(None) => {}
+        Err(e) => warn!(node = %primary.name, error = %e, "cannot check the synchronous standbys"),
     }
 }
 
