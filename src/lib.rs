@@ -44,6 +44,7 @@ pub mod auth;
 pub mod client;
 pub mod cluster;
 pub mod config;
+pub mod conninfo;
 #[cfg(feature = "etcd")]
 pub mod coordinator;
 pub mod demo;

@@ -28,7 +28,7 @@ async fn synchronous_names_are_the_ones_the_standbys_report() {
     let c = Arc::new(start_cluster(DevClusterOptions::default()));
     for (i, name) in [(1, "standby_a"), (2, "standby_b")] {
         let conninfo = psql(&c, i, "SHOW primary_conninfo");
-        let next = format!("{conninfo} application_name={name}");
+        let next = format!("{conninfo} application_name='{name}'");
         psql(
             &c,
             i,

@@ -221,20 +221,22 @@ impl Sample {
 }
 
 /// The `application_name` a WAL receiver connected with, from its `conninfo` as
-/// `pg_stat_wal_receiver` shows it (`key=value` pairs, values unquoted): `application_name`,
-/// else the fallback the receiver set (`cluster_name`, else `walreceiver`).
+/// `pg_stat_wal_receiver` shows it (libpq `key=value` pairs, values possibly quoted):
+/// `application_name`, else the fallback the receiver set (`cluster_name`, else
+/// `walreceiver`).
 fn reported_name(conninfo: &str, cluster_name: Option<&str>) -> String {
+    let pairs = crate::conninfo::parse(conninfo).unwrap_or_default();
     let value = |key: &str| {
-        conninfo
-            .split_whitespace()
-            .find_map(|pair| pair.strip_prefix(key)?.strip_prefix('='))
-            .filter(|v| !v.is_empty())
+        pairs
+            .iter()
+            .find(|(k, v)| k == key && !v.is_empty())
+            .map(|(_, v)| v.as_str())
     };
-    let name = value("application_name")
+    value("application_name")
         .or_else(|| value("fallback_application_name"))
         .or(cluster_name.filter(|c| !c.is_empty()))
-        .unwrap_or("walreceiver");
-    name.to_owned()
+        .unwrap_or("walreceiver")
+        .to_owned()
 }
 
 pub(super) struct Prober {
@@ -388,7 +390,7 @@ mod tests {
         assert_eq!(reported_name("host=a port=1", Some("east")), "east");
         assert_eq!(reported_name("host=a port=1", Some("")), "walreceiver");
         assert_eq!(
-            reported_name("host=a application_name= port=1", None),
+            reported_name("host=a application_name='' port=1", None),
             "walreceiver"
         );
     }

@@ -7,10 +7,10 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_postgres::Client;
 
-use super::conninfo;
 use crate::cluster::monitor::{self, literal, query_value};
 use crate::cluster::{Lsn, NodeStatus, Sample};
 use crate::config::ClusterConfig;
+use crate::conninfo;
 
 const APP: &str = "pgpilot-failover";
 

@@ -4,7 +4,6 @@
 //! the planned switchover and forced promotion, and the history the admin console shows.
 
 pub mod actions;
-mod conninfo;
 pub mod controller;
 mod hook;
 mod switchover;

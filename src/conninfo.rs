@@ -1,6 +1,7 @@
-//! libpq keyword/value connection strings (`host=a port=5432 password='it''s'`), read from a
+//! libpq keyword/value connection strings (`host=a port=5432 password='it''s'`): read from a
 //! replica's `primary_conninfo` and written back with a new host and port, so credentials,
-//! TLS settings and everything else the operator put there are kept.
+//! TLS settings and everything else the operator put there are kept; and read from what a
+//! WAL receiver reports, for the name it streams under.
 
 /// Parses `key=value` pairs; values may be single-quoted with `\'` and `\\` escapes.
 pub fn parse(s: &str) -> Result<Vec<(String, String)>, String> {
