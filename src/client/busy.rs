@@ -454,6 +454,8 @@ impl Drive<'_> {
         // What this batch does for the oldest requests, recorded once the client has it.
         let mut answered = 0usize;
         let mut touched = false;
+        // Where the last complete answer in `batch` ends.
+        let mut complete = 0usize;
         loop {
             if matches!(
                 frame.tag,
@@ -461,7 +463,13 @@ impl Drive<'_> {
             ) {
                 let fields = ErrorFields::parse(&frame).map_err(|e| Gone::Server(e.to_string()))?;
                 if fields.is_goodbye(frame.tag) {
-                    self.deliver(txn, &batch, answered, touched).await?;
+                    // A dying backend flushes what it had buffered (a BindComplete, a few
+                    // rows) before its goodbye. When the request cut short may run again
+                    // elsewhere, that part stays here: the client sees one whole answer.
+                    let retried = self.backups.get(answered).is_some_and(Option::is_some);
+                    let keep = if retried { complete } else { batch.len() };
+                    let touched = touched && !retried;
+                    self.deliver(txn, &batch[..keep], answered, touched).await?;
                     return Err(Gone::Server(fields.message));
                 }
                 if frame.tag == backend::ERROR_RESPONSE {
@@ -517,13 +525,15 @@ impl Drive<'_> {
                 _ => {}
             }
             if disposition == Disposition::Forward {
-                if frame.tag == backend::READY_FOR_QUERY {
+                let ready = frame.tag == backend::READY_FOR_QUERY;
+                if ready {
                     answered += 1;
-                    touched = false;
-                } else {
-                    touched = true;
                 }
+                touched = !ready;
                 batch.unsplit(frame.into_raw());
+                if ready {
+                    complete = batch.len();
+                }
             }
             if !server.has_buffered_frame() {
                 break;
