@@ -161,6 +161,25 @@ async fn pgjdbc() {
     judge("java", vec!["-cp".into(), cp, "Jdbc".into()], "drv_jdbc").await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgx() {
+    // Built against Debian's packaged pgx v4, without modules (nothing is downloaded).
+    let dir = std::env::temp_dir().join(format!("pgpilot-pgx-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let binary = dir.join("pgx-driver");
+    let built = std::process::Command::new("go")
+        .args(["build", "-o"])
+        .arg(&binary)
+        .arg(script("pgx.go"))
+        .env("GO111MODULE", "off")
+        .env("GOPATH", "/usr/share/gocode")
+        .env("GOCACHE", dir.join("cache"))
+        .status()
+        .expect("go (golang-go) and golang-github-jackc-pgx-v4-dev are needed for the pgx test");
+    assert!(built.success(), "go build failed");
+    judge(&binary.display().to_string(), Vec::new(), "drv_pgx").await;
+}
+
 fn tempdir() -> String {
     let dir = std::env::temp_dir().join(format!("pgpilot-jdbc-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
