@@ -576,12 +576,7 @@ where
             sqlstate::CONNECTION_FAILURE,
             &msg,
         );
-        if readies == 0 {
-            self.discard_until_sync = true;
-        }
-        for _ in 0..readies {
-            backend::ready_for_query(&mut out, self.status);
-        }
+        self.readies_after_error(&mut out, readies);
         self.send(&out).await
     }
 }
