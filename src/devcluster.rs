@@ -243,7 +243,11 @@ impl DevCluster {
             .unwrap_or_default()
             .trim()
             .to_owned();
-        let script = format!("kill -{signal} {pid} $(pgrep -P {pid})");
+        // The postmaster first, so that it forks no child the second kill misses; a child
+        // may exit meanwhile (a backend whose client left), which is no failure.
+        let script = format!(
+            "kill -{signal} {pid} || exit 1; for c in $(pgrep -P {pid}); do kill -{signal} $c 2>/dev/null; done; exit 0"
+        );
         self.run(
             &format!("kill -{signal} {}", self.nodes[i].name),
             Command::new("sh").arg("-c").arg(script),

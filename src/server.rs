@@ -96,6 +96,9 @@ pub struct ServerConn {
     pub local: Option<std::net::SocketAddr>,
     /// Listed in `SHOW SERVERS` while it lives (set by the pool that opened it).
     pub(crate) registered: Option<crate::registry::Registered<crate::registry::ServerEntry>>,
+    /// Cancelled when the node it was opened to is fenced: whoever waits on this connection
+    /// stops waiting. Set by the pool that opened it, before anyone can borrow it.
+    pub(crate) fence: tokio_util::sync::CancellationToken,
 }
 
 impl ServerConn {
@@ -127,6 +130,7 @@ impl ServerConn {
             last_used: now,
             local,
             registered: None,
+            fence: Default::default(),
         };
         tokio::time::timeout(p.connect_timeout, conn.startup(p))
             .await

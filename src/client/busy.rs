@@ -32,6 +32,8 @@ use crate::router::Target;
 use crate::server::{MAX_SERVER_MESSAGE, ServerConn};
 
 const COPY_IN_RESPONSE: u8 = b'G';
+/// Why a connection whose node was fenced is given up.
+const FENCED: &str = "its node was fenced after a failover";
 
 /// What to do with the connection afterwards.
 enum Disposal {
@@ -77,7 +79,7 @@ where
     W: AsyncWrite + Unpin,
 {
     let on_replica = held.on_replica;
-    let abort = held.conn.pool().abort_token();
+    let fence = held.conn.fence();
     let (end, disposal) = {
         let conn = held.conn.conn();
         let ServerConn {
@@ -110,9 +112,10 @@ where
             saw_rollback: false,
             on_replica,
             tx_started: None,
+            fence,
         };
         let result = drive
-            .run(txn, &mut server, first, first_meaning, may_retry, &abort)
+            .run(txn, &mut server, first, first_meaning, may_retry)
             .await;
         *buf = server.into_parts().1;
         result
@@ -151,6 +154,8 @@ struct Drive<'c> {
     on_replica: bool,
     /// When the transaction being served began (its first request was sent while idle).
     tx_started: Option<Instant>,
+    /// Cancelled when the connection's node is fenced: every wait for the server ends.
+    fence: tokio_util::sync::CancellationToken,
 }
 
 impl Drive<'_> {
@@ -161,7 +166,6 @@ impl Drive<'_> {
         first: Unit,
         first_meaning: &Meaning,
         may_retry: bool,
-        abort: &tokio_util::sync::CancellationToken,
     ) -> (BusyEnd, Disposal)
     where
         R: AsyncRead + Unpin,
@@ -204,7 +208,7 @@ impl Drive<'_> {
                 biased;
                 _ = sleep_until_opt(deadline) => Event::Forced,
                 _ = txn.shared.shutdown.cancelled(), if deadline.is_none() => Event::ShutdownStarted,
-                _ = abort.cancelled() => Event::Fenced,
+                _ = self.fence.cancelled() => Event::Fenced,
                 _ = txn.client.kill.cancelled() => Event::Forced,
                 r = server.next() => Event::Server(r),
                 // While an answer is on its way the client is not polled (each poll would cost a
@@ -215,7 +219,7 @@ impl Drive<'_> {
             match event {
                 Event::Forced => return (BusyEnd::Shutdown, Disposal::Close),
                 Event::Fenced => {
-                    return self.lost(txn, "its node was fenced after a failover".into());
+                    return self.lost(txn, FENCED.into());
                 }
                 Event::ShutdownStarted => {
                     deadline = Some(Instant::now() + txn.config.proxy.shutdown_timeout.0);
@@ -426,7 +430,11 @@ impl Drive<'_> {
         self.swr.write_all(&out).await.map_err(|e| e.to_string())?;
         let mut next = 0;
         loop {
-            let frame = match server.next().await {
+            let read = tokio::select! {
+                r = server.next() => r,
+                _ = self.fence.cancelled() => return Err(FENCED.into()),
+            };
+            let frame = match read {
                 Ok(Some(f)) => f,
                 Ok(None) => return Err("server closed the connection".into()),
                 Err(e) => return Err(e.to_string()),

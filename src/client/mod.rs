@@ -245,7 +245,7 @@ where
         key,
     });
 
-    let fenced = pooled.pool().abort_token();
+    let fenced = pooled.fence();
     let outcome = relay::relay(
         reader,
         wr,

@@ -473,15 +473,22 @@ where
         });
         let mut conn = checked_out?;
         self.stats.wait(waited.elapsed());
+        let fence = conn.fence();
         let server = conn.conn();
-        if let Err(e) = server.apply_settings(&self.settings).await {
-            conn.discard().await;
-            return Err(match e {
+        // Biased: nothing is sent to a node fenced since the connection was opened.
+        let applied = tokio::select! {
+            biased;
+            _ = fence.cancelled() => Err(ClientError::ServerLost("the node was fenced".into())),
+            r = server.apply_settings(&self.settings) => r.map_err(|e| match e {
                 crate::server::ServerError::Rejected(f) => ClientError::Pool(
                     crate::pool::PoolError::Connect(crate::server::ServerError::Rejected(f)),
                 ),
                 other => ClientError::ServerLost(other.to_string()),
-            });
+            }),
+        };
+        if let Err(e) = applied {
+            conn.discard().await;
+            return Err(e);
         }
         let server = conn.conn();
         *self.cancel.lock() = Some(CancelTarget::Server {

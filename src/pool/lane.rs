@@ -339,7 +339,7 @@ async fn serve(
     conn: &mut PooledConn,
     rx: &mut mpsc::UnboundedReceiver<Request>,
 ) -> (Result<bool, String>, VecDeque<Waiting>) {
-    let abort = pool.abort_token();
+    let abort = conn.fence();
     let lifetime = pool.settings().lifetime;
     let server: &mut ServerConn = conn.conn();
     let created = server.created;

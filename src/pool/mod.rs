@@ -173,7 +173,7 @@ impl Pool {
             };
             let expired = now.duration_since(conn.created) >= settings.lifetime
                 || now.duration_since(conn.last_used) >= settings.idle_timeout;
-            if expired || conn.is_dead() {
+            if expired || conn.fence.is_cancelled() || conn.is_dead() {
                 self.closed.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(conn.close());
                 continue;
@@ -222,6 +222,9 @@ impl Pool {
             }
         };
         self.opened.fetch_add(1, Ordering::Relaxed);
+        // The token of the moment the connect began: a fence while it was under way ends it
+        // as soon as it is borrowed.
+        conn.fence = abort;
         let entry = |_| ServerEntry {
             node: self.key.node.to_string(),
             user: self.key.user.to_string(),
@@ -294,7 +297,9 @@ impl Pool {
     }
 
     /// Cancelled when every connection of this pool must be dropped (the node was fenced).
-    pub fn abort_token(&self) -> CancellationToken {
+    /// A connection keeps the token of its opening (`PooledConn::fence`): one borrowed just
+    /// before a fence is aborted with the rest.
+    fn abort_token(&self) -> CancellationToken {
         self.abort.lock().clone()
     }
 
@@ -360,7 +365,7 @@ impl Pool {
     }
 
     fn check_in(&self, mut conn: ServerConn) {
-        if self.is_stale(conn.created) {
+        if self.is_stale(conn.created) || conn.fence.is_cancelled() {
             self.closed.fetch_add(1, Ordering::Relaxed);
             return;
         }
@@ -390,14 +395,28 @@ impl PooledConn {
         &self.pool
     }
 
+    /// Cancelled when this connection's node is fenced (even if the fence came between the
+    /// checkout and the first request).
+    pub fn fence(&self) -> CancellationToken {
+        self.conn
+            .as_ref()
+            .map(|c| c.fence.clone())
+            .unwrap_or_default()
+    }
+
     /// Resets the session state (`DISCARD ALL`) and returns the connection to the pool; a
     /// connection that fails the reset is closed instead.
     pub async fn release(mut self) {
         let Some(mut conn) = self.conn.take() else {
             return;
         };
-        match conn.simple_query("DISCARD ALL").await {
-            Ok(TxStatus::Idle) => {
+        let fence = conn.fence.clone();
+        let reset = tokio::select! {
+            r = conn.simple_query("DISCARD ALL") => r.ok(),
+            _ = fence.cancelled() => None,
+        };
+        match reset {
+            Some(TxStatus::Idle) => {
                 conn.forget_session_state(true);
                 self.pool.check_in(conn);
             }

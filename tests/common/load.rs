@@ -76,11 +76,15 @@ impl WriteLoad {
         self.served.lock().get(&port).copied().unwrap_or(0)
     }
 
+    /// Stops the writers; each must finish its statement within 30 s (none may hang).
     pub async fn stop(self) -> Vec<WriterReport> {
         self.stop.store(true, Ordering::Relaxed);
         let mut reports = Vec::new();
-        for t in self.tasks {
-            reports.push(t.await.expect("writer task"));
+        for (w, t) in self.tasks.into_iter().enumerate() {
+            let report = tokio::time::timeout(Duration::from_secs(30), t)
+                .await
+                .unwrap_or_else(|_| panic!("writer {w} hangs in a statement"));
+            reports.push(report.expect("writer task"));
         }
         reports
     }
