@@ -328,3 +328,51 @@ async fn a_statement_name_reused_after_close_never_runs_the_old_text() {
         }
     }
 }
+
+/// A login in transaction mode needs no free server connection: with the primary's only
+/// connection held by an open transaction, a new client logs in at once, is told what the
+/// first was told, and reads from a replica.
+#[tokio::test]
+async fn a_login_needs_no_free_primary_connection() {
+    let proxy = start_proxy(config(cluster(), |c| {
+        c.proxy.pool_size = 1;
+        c.proxy.query_wait_timeout = pgpilot::config::Dur::secs(3);
+        c.databases[0].routing = Routing::Auto;
+    }))
+    .await;
+    let port = proxy.port();
+    let first = Raw::login(port, DEMO_USER, DEMO_PASSWORD, DEMO_DATABASE).await;
+    let holder = proxy.connect().await;
+    holder
+        .batch_execute("BEGIN; /* pgpilot:primary */ SELECT 1")
+        .await
+        .unwrap();
+    let waiting = || {
+        let p: usize = proxy
+            .shared
+            .pools
+            .all()
+            .iter()
+            .map(|p| p.waiting_count())
+            .sum();
+        p
+    };
+    let mut second = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        Raw::login(port, DEMO_USER, DEMO_PASSWORD, DEMO_DATABASE),
+    )
+    .await
+    .expect("the login finishes");
+    assert_eq!(
+        second.params, first.params,
+        "the same ParameterStatus values"
+    );
+    assert_eq!(waiting(), 0, "the login waited for no connection");
+    let answer = second.query("SELECT pg_is_in_recovery()::text").await;
+    let row = answer.iter().find(|m| m.tag == b'D').expect("a row");
+    assert!(
+        String::from_utf8_lossy(&row.body).ends_with("true"),
+        "the read ran on a replica"
+    );
+    holder.batch_execute("COMMIT").await.unwrap();
+}

@@ -24,9 +24,9 @@ use tracing::{Instrument, debug, info_span, warn};
 pub use error::ClientError;
 
 use crate::app::Shared;
-use crate::cluster::NodeStatus;
+use crate::cluster::{NodeStatus, Role};
 use crate::config::{Config, DatabaseConfig, PoolMode, Routing, is_admin_database};
-use crate::pool::{PoolKey, PoolSettings, PooledConn};
+use crate::pool::{PoolKey, PoolSettings, PooledConn, login};
 use crate::protocol::MessageReader;
 use crate::protocol::backend::{self, TxStatus};
 use crate::protocol::startup::{BackendKey, StartupParams};
@@ -291,19 +291,18 @@ where
     let target = session_target(db);
     // Any healthy node can describe the session: when the preferred kind is down, take the
     // other.
-    let mut pooled = match Box::pin(checkout(shared, config, target, &db.name, user)).await {
+    let params = match Box::pin(describe(shared, config, target, &db.name, user, &startup)).await {
         Ok(p) => p,
         Err(e) if e.is_unreachable() || matches!(e, ClientError::NoNode(_)) => {
-            Box::pin(checkout(shared, config, Target::Replica, &db.name, user)).await?
+            let replica = describe(shared, config, Target::Replica, &db.name, user, &startup);
+            Box::pin(replica).await?
         }
         Err(e) => return Err(e),
     };
-    Box::pin(apply_settings(&mut pooled, &startup)).await?;
     let mut out = BytesMut::new();
-    for (k, v) in pooled.conn().params() {
+    for (k, v) in &params {
         backend::parameter_status(&mut out, k, v);
     }
-    pooled.give_back();
     let key = BackendKey {
         pid: rand::random::<i32>() & i32::MAX,
         secret: rand::random(),
@@ -400,7 +399,45 @@ async fn checkout(
     database: &str,
     user: &str,
 ) -> Result<PooledConn, ClientError> {
-    let wait = config.proxy.query_wait_timeout.0;
+    let (pool, _) = login_pool(shared, config, target, database, user).await?;
+    Ok(pool.checkout(config.proxy.query_wait_timeout.0).await?)
+}
+
+/// The ParameterStatus values a transaction-mode login reports: a server's, with the client's
+/// startup settings applied. A login that finds every connection of the pool busy takes what
+/// the last such login was told (and waits only when there is none): logins never queue
+/// behind clients' transactions.
+async fn describe(
+    shared: &Arc<Shared>,
+    config: &Config,
+    target: Target,
+    database: &str,
+    user: &str,
+    startup: &Settings,
+) -> Result<login::Params, ClientError> {
+    let (pool, primary) = login_pool(shared, config, target, database, user).await?;
+    let mut pooled = match pool.checkout_now().await {
+        Some(got) => got?,
+        None => match pool.login.get(startup, primary) {
+            Some(params) => return Ok(params),
+            None => pool.checkout(config.proxy.query_wait_timeout.0).await?,
+        },
+    };
+    Box::pin(apply_settings(&mut pooled, startup)).await?;
+    let params = pooled.conn().params().to_vec();
+    pooled.give_back();
+    pool.login.remember(startup, primary, &params);
+    Ok(params)
+}
+
+/// The pool a session or login for `target` goes to, and whether its node is the primary.
+async fn login_pool(
+    shared: &Arc<Shared>,
+    config: &Config,
+    target: Target,
+    database: &str,
+    user: &str,
+) -> Result<(Arc<crate::pool::Pool>, bool), ClientError> {
     // Without an elected primary (startup, or between a crash and a promotion) clients wait
     // for one rather than fail.
     let primary_wait = config.cluster.failover_wait_timeout.0;
@@ -418,7 +455,7 @@ async fn checkout(
             .ok_or(ClientError::NoNode("primary"))?,
     };
     let pool = pool_for(shared, config, &node, database, user);
-    Ok(pool.checkout(wait).await?)
+    Ok((pool, node.role == Role::Primary))
 }
 
 /// Makes a borrowed connection's session match the client's startup parameters.

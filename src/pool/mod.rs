@@ -18,6 +18,7 @@ use crate::registry::{Registry, ServerEntry, now_ms};
 use crate::server::{ConnectParams, ServerConn, ServerError};
 
 mod lane;
+pub mod login;
 pub use lane::{Lane, REPLY_BATCHES, Reply, Rewritten, Ticket};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -86,6 +87,8 @@ pub struct Pool {
     lanes: Mutex<Vec<Arc<Lane>>>,
     /// Signalled when a client starts waiting for a connection: idle lanes give theirs back.
     wanted: tokio::sync::Notify,
+    /// What logins were told, for logins that find every connection busy.
+    pub login: login::LoginParams,
 }
 
 impl Pool {
@@ -111,6 +114,7 @@ impl Pool {
             reconnect_before: ArcSwapOption::empty(),
             lanes: Mutex::new(Vec::new()),
             wanted: tokio::sync::Notify::new(),
+            login: Default::default(),
         })
     }
 
@@ -128,6 +132,13 @@ impl Pool {
             }
         };
         self.take(permit).await
+    }
+
+    /// A connection if one is free now (idle, or a permit to open one); `None` when the pool
+    /// is saturated.
+    pub async fn checkout_now(self: &Arc<Self>) -> Option<Result<PooledConn, PoolError>> {
+        let permit = self.permits.clone().try_acquire_owned().ok()?;
+        Some(self.take(permit).await)
     }
 
     /// A connection for a request that runs nothing (Parse, Describe, Close: no statement
@@ -308,6 +319,7 @@ impl Pool {
     pub fn abort_all(&self) -> usize {
         let active = self.active_count();
         std::mem::take(&mut *self.abort.lock()).cancel();
+        self.login.clear();
         let idle = std::mem::take(&mut *self.idle.lock());
         self.closed.fetch_add(idle.len(), Ordering::Relaxed);
         active + idle.len()
