@@ -116,12 +116,11 @@ async fn query_wait_timeout_when_the_pool_is_exhausted() {
     }))
     .await;
     let first = proxy.connect().await;
-    // The only server connection is held by `first` for its open transaction.
+    // The only server connection is held by `first` for its open transaction. A login
+    // needs none (it is told what `first` was told); its query waits and fails.
     first.batch_execute("BEGIN").await.unwrap();
-    let err = proxy
-        .try_connect(DEMO_USER, DEMO_PASSWORD, DEMO_DATABASE)
-        .await
-        .unwrap_err();
+    let second = proxy.connect().await;
+    let err = second.simple_query("SELECT 1").await.unwrap_err();
     let db = err.as_db_error().expect("server error");
     assert_eq!(db.code().code(), "08P01");
     assert!(
