@@ -130,6 +130,18 @@ impl NodeStatus {
         self.sample.as_ref().and_then(|s| s.timeline).unwrap_or(0)
     }
 
+    /// The newest timeline this node is known to have been on or to know of: a primary's
+    /// own, a standby's newest known (see `Sample::known_timeline`).
+    pub fn known_timeline(&self) -> u32 {
+        let known = self.sample.as_ref().and_then(|s| s.known_timeline);
+        known.unwrap_or(0).max(self.timeline())
+    }
+
+    /// At least one probe answered or failed since pgpilot started.
+    pub fn probed(&self) -> bool {
+        self.sample.is_some() || self.last_error.is_some()
+    }
+
     /// Healthy, unfenced and reporting the primary role.
     pub fn claims_primary(&self) -> bool {
         self.healthy && self.role == Role::Primary

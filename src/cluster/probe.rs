@@ -30,7 +30,16 @@ const PROBE_SQL: &str = "SELECT pg_is_in_recovery(), \
     (SELECT extract(epoch FROM clock_timestamp() - last_msg_receipt_time) FROM pg_stat_wal_receiver), \
     (SELECT setting FROM pg_settings WHERE name = 'wal_receiver_timeout'), \
     (SELECT conninfo FROM pg_stat_wal_receiver), \
-    current_setting('cluster_name')";
+    current_setting('cluster_name'), \
+    CASE WHEN pg_is_in_recovery() THEN greatest( \
+        (SELECT received_tli FROM pg_stat_wal_receiver), \
+        CASE WHEN has_function_privilege('pg_control_checkpoint()', 'EXECUTE') \
+            THEN (SELECT timeline_id FROM pg_control_checkpoint()) END, \
+        CASE WHEN has_function_privilege('pg_control_recovery()', 'EXECUTE') \
+            THEN (SELECT min_recovery_end_timeline FROM pg_control_recovery()) END, \
+        CASE WHEN has_function_privilege('pg_ls_waldir()', 'EXECUTE') \
+            THEN (SELECT max(('x' || substr(name, 1, 8))::bit(32)::int) FROM pg_ls_waldir() \
+                  WHERE name ~ '^[0-9A-F]{8}\\.history$') END) END";
 
 /// How a probe failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,6 +147,11 @@ pub struct Sample {
     /// The `application_name` this standby's WAL receiver gives its primary (what
     /// `synchronous_standby_names` must name); `None` when it is not known.
     pub standby_name: Option<String>,
+    /// On a standby, the newest timeline it knows to exist: the one it receives, its last
+    /// restartpoint's and minimum recovery point's, and the timeline history files in its
+    /// `pg_wal` (fetched from the primary it followed). A primary claiming an older timeline
+    /// was superseded.
+    pub known_timeline: Option<u32>,
     /// When the probe query was sent: every write acknowledged before this is covered by
     /// `current_lsn`.
     pub started: Instant,
@@ -190,6 +204,7 @@ impl Sample {
             receipt_age: in_recovery.then_some(0.1),
             wal_receiver_timeout_ms: Some(2000),
             standby_name: None,
+            known_timeline: None,
             started: Instant::now(),
             duration: Duration::from_millis(1),
         }
@@ -214,6 +229,7 @@ impl Sample {
             receipt_age: col(8).and_then(|v| v.parse().ok()),
             wal_receiver_timeout_ms: col(9).and_then(|v| v.parse().ok()),
             standby_name: col(10).map(|conninfo| reported_name(conninfo, col(11))),
+            known_timeline: col(12).and_then(|v| v.parse().ok()),
             started,
             duration: started.elapsed(),
         })

@@ -45,6 +45,8 @@ fn elects_the_reported_primary_and_fences_a_second_claimant() {
     let c = Cluster::new(&nodes());
     c.report(1, ok(sample(false, 100)));
     c.report(0, ok(sample(true, 100)));
+    assert_eq!(c.view().elected, None, "not before every node was probed");
+    c.report(2, ok(sample(true, 100)));
     let v = c.view();
     assert_eq!((v.primary, v.elected, v.epoch), (Some(1), Some(1), 1));
     // A second claimant on the same timeline does not displace the elected primary: fenced.
@@ -68,6 +70,7 @@ fn a_promotion_made_elsewhere_is_followed_by_its_newer_timeline() {
     let c = Cluster::new(&nodes());
     c.report(0, ok(sample(false, 100)));
     c.report(1, ok(sample(true, 100)));
+    c.report(2, ok(sample(true, 100)));
     c.report(0, failed(FailureKind::Crash, false));
     c.report(1, ok(on_timeline(sample(false, 200), 2)));
     let v = c.view();
@@ -88,6 +91,7 @@ fn an_installed_primary_fences_the_old_one_and_pausing_hides_it() {
     let c = Cluster::new(&nodes());
     c.report(0, ok(sample(false, 100)));
     c.report(1, ok(sample(true, 100)));
+    c.report(2, ok(sample(true, 100)));
     c.install_primary(1, &on_timeline(sample(false, 120), 2));
     let v = c.view();
     assert_eq!((v.primary, v.elected, v.epoch), (Some(1), Some(1), 2));
@@ -106,6 +110,8 @@ fn an_installed_primary_fences_the_old_one_and_pausing_hides_it() {
 fn a_failure_below_the_threshold_keeps_the_node() {
     let c = Cluster::new(&nodes());
     c.report(0, ok(sample(false, 1)));
+    c.report(1, failed(FailureKind::Crash, false));
+    c.report(2, failed(FailureKind::Crash, false));
     c.report(0, failed(FailureKind::Timeout, true));
     let v = c.view();
     assert_eq!((v.primary, v.nodes[0].role), (Some(0), Role::Primary));
@@ -138,4 +144,39 @@ fn a_replica_hears_its_primary_only_while_streaming_and_recently() {
     assert!(s.hears_primary(), "no timeout: streaming is all we know");
     s.streaming = false;
     assert!(!s.hears_primary());
+}
+
+fn knowing(mut s: Sample, tl: u32) -> Sample {
+    s.known_timeline = Some(tl);
+    s
+}
+
+#[test]
+fn a_claimant_a_replica_knows_to_be_superseded_is_never_elected() {
+    // pgpilot starts with the real primary (timeline 3) down: pg1 claims the role on timeline
+    // 2, pg2 followed the timeline-3 primary.
+    let c = Cluster::new(&nodes());
+    c.report(0, ok(on_timeline(sample(false, 500), 2)));
+    assert_eq!(c.view().elected, None, "pg2 and pg3 were not probed yet");
+    c.report(2, failed(FailureKind::Crash, false));
+    let mut follower = knowing(sample(true, 600), 3);
+    follower.timeline = None;
+    follower.streaming = false;
+    c.report(1, ok(follower.clone()));
+    let v = c.view();
+    assert_eq!((v.elected, v.primary), (None, None));
+    assert_eq!(v.nodes[0].fenced, Some(Fence::Claim));
+    assert_eq!(v.superseded_by(0), Some(3));
+    // It keeps claiming: still never elected.
+    c.report(0, ok(on_timeline(sample(false, 510), 2)));
+    assert_eq!(c.view().elected, None);
+    // A replica of another system proves nothing.
+    let c = Cluster::new(&nodes());
+    c.report(0, ok(on_timeline(sample(false, 500), 2)));
+    let mut other = follower;
+    other.system_id = Some("8".into());
+    c.report(1, ok(other));
+    c.report(2, ok(on_timeline(sample(true, 500), 2)));
+    let v = c.view();
+    assert_eq!((v.elected, v.nodes[0].fenced), (Some(0), None));
 }

@@ -2,8 +2,10 @@
 //! fenced, which primary writes may use, and how far each replica lags.
 //!
 //! Rules, applied after every change:
-//! - With no elected primary yet (startup), the healthy claimant on the newest timeline wins,
-//!   then the highest priority.
+//! - With no elected primary yet (startup), once every node was probed, the healthy claimant
+//!   on the newest timeline wins, then the highest priority; a claimant on a timeline older
+//!   than one another node of its system knows (a standby that followed a later primary) was
+//!   superseded and is never elected, only fenced.
 //! - A claimant on a newer timeline than the elected primary's replaces it: a promotion made
 //!   outside pgpilot. The old one is fenced.
 //! - Any other claimant is fenced: an old primary restarted as-is stays out of routing.
@@ -105,11 +107,18 @@ impl ClusterView {
         self.adopt();
         let elected = self.elected;
         let elected_tl = self.elected().map_or(0, NodeStatus::timeline);
+        let superseded: Vec<bool> = (0..self.nodes.len())
+            .map(|i| self.superseded_by(i).is_some())
+            .collect();
+        let decided = elected.is_some() || self.all_probed();
         for (i, n) in self.nodes.iter_mut().enumerate() {
             if Some(i) == elected {
                 continue;
             }
-            if n.claims_primary() && n.fenced.is_none() {
+            // Before the first election only a superseded claimant is fenced: the others
+            // are candidates.
+            let fence = elected.is_some() || superseded[i];
+            if n.claims_primary() && n.fenced.is_none() && decided && fence {
                 n.fenced = Some(Fence::Claim);
             }
             let rejoined = n.healthy
@@ -142,7 +151,10 @@ impl ClusterView {
             return;
         };
         match self.elected {
-            None if self.nodes[best].fenced.is_none() => {
+            None if self.nodes[best].fenced.is_none()
+                && self.all_probed()
+                && self.superseded_by(best).is_none() =>
+            {
                 self.elected = Some(best);
                 self.epoch += 1;
             }
@@ -156,6 +168,27 @@ impl ClusterView {
             }
             _ => {}
         }
+    }
+
+    /// Whether every node (but those removed) was probed at least once: before that, a
+    /// claimant may be one another node's history has left behind.
+    fn all_probed(&self) -> bool {
+        self.nodes
+            .iter()
+            .all(|n| n.probed() || n.fenced == Some(Fence::Removed))
+    }
+
+    /// The newest timeline a node of `i`'s system knows, when it is newer than `i`'s own.
+    pub fn superseded_by(&self, i: usize) -> Option<u32> {
+        let node = &self.nodes[i];
+        let system = node.sample.as_ref().and_then(|s| s.system_id.as_deref());
+        let newest = self
+            .nodes
+            .iter()
+            .filter(|n| n.sample.as_ref().and_then(|s| s.system_id.as_deref()) == system)
+            .map(NodeStatus::known_timeline)
+            .max()?;
+        (newest > node.timeline()).then_some(newest)
     }
 
     fn compute_lag(&mut self) {

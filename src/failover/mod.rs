@@ -265,9 +265,17 @@ fn handle_fences(
         }
         if d.fenced.insert(i) {
             let closed = shared.pools.abort_node(&n.name);
+            let why = match view.superseded_by(i).filter(|_| n.claims_primary()) {
+                Some(tl) => format!(
+                    "claims the primary role on timeline {}, but another node knows timeline \
+                     {tl}: a later primary superseded it, and it is never elected; ",
+                    n.timeline()
+                ),
+                None => String::new(),
+            };
             shared.failover.event(
                 &n.name,
-                format!("fenced: no routing, {closed} server connections closed"),
+                format!("fenced: {why}no routing, {closed} server connections closed"),
             );
         }
         let Some(cmd) = cfg.rejoin_command.as_ref().filter(|_| decides) else {
