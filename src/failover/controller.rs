@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::cluster::{ClusterView, FailureKind, Role};
+use crate::cluster::{ClusterView, FailureKind, Fence, Role};
 use crate::config::FailoverMode;
 
 #[derive(Debug, Clone)]
@@ -32,6 +32,8 @@ pub struct Policy {
     /// list): a replica replacing it must hold at least this position (`None`: the list is
     /// still empty, so no replica is known to hold them).
     pub unsynced: Option<Unsynced>,
+    /// Whom the primary's synchronous list named (used with `synchronous`).
+    pub sync_record: super::sync_record::SyncRecord,
 }
 
 /// Commits were acknowledged on `primary` while no standby was synchronous.
@@ -207,6 +209,14 @@ pub fn elect(
             }
             _ => {}
         }
+        // A standby that cannot be asked may hold commits only it acknowledged.
+        let holder = (policy.synchronous && !force)
+            .then(|| unreachable_holder(view, old, policy, pos))
+            .flatten();
+        if let Some(why) = holder {
+            refused.push(format!("{}: {why}", n.name));
+            continue;
+        }
         eligible.push((i, n.priority, pos));
     }
     // The furthest position first, in every mode: priority must never cost writes another
@@ -217,6 +227,24 @@ pub fn elect(
         None if refused.is_empty() => Err("no healthy replica".into()),
         None => Err(refused.join("; ")),
     }
+}
+
+/// Why a candidate at `pos` may lack a commit that only an unreachable node the old
+/// primary's synchronous list named may hold; `None` when no such node blocks it.
+fn unreachable_holder(
+    view: &ClusterView,
+    old: Option<usize>,
+    policy: &Policy,
+    pos: Option<crate::cluster::Lsn>,
+) -> Option<String> {
+    let old = view.nodes.get(old?)?;
+    if policy.sync_record.primary != old.name {
+        return None;
+    }
+    view.nodes
+        .iter()
+        .filter(|n| n.name != old.name && !n.healthy && n.fenced != Some(Fence::Removed))
+        .find_map(|n| policy.sync_record.blocks(n, pos))
 }
 
 #[cfg(test)]

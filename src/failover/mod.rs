@@ -7,6 +7,8 @@ pub mod actions;
 pub mod controller;
 mod hook;
 mod switchover;
+pub mod sync_record;
+mod synchronous;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -16,14 +18,18 @@ use parking_lot::Mutex;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 pub use controller::{Cause, Policy, Verdict};
 pub use switchover::{SwitchoverError, promote, switchover};
 
 use crate::app::Shared;
-use crate::cluster::{ClusterView, Fence, NodeStatus, Role};
+use crate::cluster::{ClusterView, Fence, Role};
 use crate::config::ClusterConfig;
+use synchronous::{
+    apply_synchronous_names, keep_synchronous_names, live_replica, live_replicas, named_nodes,
+    wanted_names,
+};
 
 /// How often the driver looks at the view even when nothing was published.
 const TICK: Duration = Duration::from_millis(50);
@@ -71,6 +77,8 @@ pub struct Failover {
     sync_writer: tokio::sync::Mutex<()>,
     /// Set when pgpilot left a primary with no synchronous standby (see `Unsynced`).
     unsynced: Mutex<Option<controller::Unsynced>>,
+    /// Whom the primary's synchronous list named, and until where (see `SyncRecord`).
+    sync_record: Mutex<sync_record::SyncRecord>,
     /// With a coordinator: whether this instance holds the leader lease, and who does.
     follower: std::sync::atomic::AtomicBool,
     leader: Mutex<Option<String>>,
@@ -134,6 +142,7 @@ pub fn policy(cfg: &ClusterConfig, failover: &Failover) -> Policy {
         max_failover_lag: cfg.max_failover_lag.0,
         synchronous: cfg.synchronous,
         unsynced: failover.unsynced.lock().clone(),
+        sync_record: failover.sync_record.lock().clone(),
     }
 }
 
@@ -333,183 +342,6 @@ fn tune_receivers(shared: &Arc<Shared>, view: &ClusterView, cfg: &ClusterConfig,
     }
 }
 
-/// Healthy, unfenced replicas other than `except`, by the names they stream under.
-fn live_replicas(view: &ClusterView, except: &[usize]) -> Vec<String> {
-    let mut names: Vec<String> = view
-        .nodes
-        .iter()
-        .enumerate()
-        .filter(|(i, n)| {
-            !except.contains(i) && n.healthy && n.role == Role::Replica && n.fenced.is_none()
-        })
-        .map(|(_, n)| standby_name(n))
-        .collect();
-    names.sort();
-    names.dedup();
-    names
-}
-
-/// The name `synchronous_standby_names` must use for `node`: the `application_name` its WAL
-/// receiver reports, or the node's name when that is not known (pgpilot's repoint sets it).
-fn standby_name(node: &NodeStatus) -> String {
-    node.sample
-        .as_ref()
-        .and_then(|s| s.standby_name.clone())
-        .unwrap_or_else(|| node.name.clone())
-}
-
-/// The `synchronous_standby_names` for the primary at `primary` whose live replicas are
-/// `live`. With `synchronous_strict` it is never empty (every other node is named), so writes
-/// wait for a standby rather than commit on the primary alone.
-fn wanted_names(
-    view: &ClusterView,
-    cfg: &ClusterConfig,
-    primary: usize,
-    live: Vec<String>,
-) -> String {
-    if live.is_empty() && cfg.synchronous_strict {
-        let mut others: Vec<String> = view
-            .nodes
-            .iter()
-            .enumerate()
-            .filter(|(i, n)| *i != primary && n.fenced != Some(Fence::Removed))
-            .map(|(_, n)| standby_name(n))
-            .collect();
-        others.sort();
-        others.dedup();
-        return actions::synchronous_names(&others);
-    }
-    actions::synchronous_names(&live)
-}
-
-/// Records what a list just written on `primary` means for a later election: an empty one
-/// opens a window of commits only the primary holds; the first list naming a standby again
-/// closes it at the primary's position then.
-async fn note_synchronous(
-    shared: &Arc<Shared>,
-    cfg: &ClusterConfig,
-    primary: &NodeStatus,
-    value: &str,
-) {
-    if value.is_empty() {
-        warn!(
-            node = %primary.name,
-            "no replica is live: synchronous_standby_names is empty, commits are acknowledged by \
-             the primary alone, and no replica may replace it automatically until it holds them \
-             (synchronous_strict = true makes writes wait instead)"
-        );
-        *shared.failover.unsynced.lock() = Some(controller::Unsynced {
-            primary: primary.name.clone(),
-            covered_by: None,
-        });
-        return;
-    }
-    let open = shared
-        .failover
-        .unsynced
-        .lock()
-        .as_ref()
-        .is_some_and(|u| u.primary == primary.name && u.covered_by.is_none());
-    if !open {
-        return;
-    }
-    match actions::current_lsn(cfg, primary).await {
-        Ok(lsn) => {
-            info!(node = %primary.name, %lsn, "a standby is synchronous again");
-            *shared.failover.unsynced.lock() = Some(controller::Unsynced {
-                primary: primary.name.clone(),
-                covered_by: Some(lsn),
-            });
-        }
-        // The window stays open: no replica is chosen on a guess.
-        Err(e) => warn!(node = %primary.name, error = %e, "cannot read the primary's position"),
-    }
-}
-
-fn keep_synchronous_names(shared: &Arc<Shared>, view: &ClusterView, cfg: &ClusterConfig) {
-    let (Some(p), Some(pi)) = (view.primary(), view.primary) else {
-        return;
-    };
-    // Not before every node was probed once: a replica not yet seen is not a dead one.
-    if view
-        .nodes
-        .iter()
-        .any(|n| n.sample.is_none() && n.failure.is_none())
-    {
-        return;
-    }
-    let value = wanted_names(view, cfg, pi, live_replicas(view, &[pi]));
-    let key = (p.name.clone(), value.clone());
-    {
-        let mut applied = shared.failover.sync_applied.lock();
-        if applied.as_ref() == Some(&key) {
-            return;
-        }
-        // Claimed before the write so one change is applied once; undone on failure.
-        *applied = Some(key.clone());
-    }
-    let (shared, node, cfg) = (shared.clone(), p.clone(), cfg.clone());
-    tokio::spawn(async move {
-        let _turn = shared.failover.sync_writer.lock().await;
-        if shared.failover.sync_applied.lock().as_ref() != Some(&key) {
-            return; // superseded by a newer value, written after this one
-        }
-        if !apply_synchronous_names(&shared, &cfg, &node, &value).await {
-            {
-                let mut applied = shared.failover.sync_applied.lock();
-                if applied.as_ref() == Some(&key) {
-                    *applied = None;
-                }
-            }
-        }
-    });
-}
-
-/// Writes `value` as `primary`'s `synchronous_standby_names`, logs it, and records what it
-/// means for a later election (see `note_synchronous`). False when it could not be written.
-async fn apply_synchronous_names(
-    shared: &Arc<Shared>,
-    cfg: &ClusterConfig,
-    primary: &NodeStatus,
-    value: &str,
-) -> bool {
-    match actions::set_synchronous_names(cfg, primary, value).await {
-        Ok(()) => {
-            shared.failover.event(
-                &primary.name,
-                format!("synchronous_standby_names = '{value}'"),
-            );
-            note_synchronous(shared, cfg, primary, value).await;
-            if !value.is_empty() {
-                let (cfg, primary, value) = (cfg.clone(), primary.clone(), value.to_owned());
-                tokio::spawn(async move { check_synchronous_match(&cfg, &primary, &value).await });
-            }
-            true
-        }
-        Err(e) => {
-            warn!(node = %primary.name, error = %e, "cannot set synchronous_standby_names");
-            false
-        }
-    }
-}
-
-/// Once the standbys had time to reconnect under a new list: when standbys stream but none
-/// is synchronous, the list names none of them and every commit waits. Said at ERROR, with
-/// the names they do report.
-async fn check_synchronous_match(cfg: &ClusterConfig, primary: &NodeStatus, value: &str) {
-    tokio::time::sleep(SYNC_MATCH_GRACE).await;
-    match actions::unmatched_standbys(cfg, primary).await {
-        Ok(Some(reported)) => error!(
-            node = %primary.name,
-            "synchronous_standby_names = '{value}' matches none of the standbys streaming from \
-             it ({reported}): every commit waits for a standby that is not there; give the \
-             replicas' primary_conninfo an application_name equal to their node name"
-        ),
-        Ok(None) => {}
-        Err(e) => warn!(node = %primary.name, error = %e, "cannot check the synchronous standbys"),
-    }
-}
-
 async fn fail_over(
     shared: &Arc<Shared>,
     view: &ClusterView,
@@ -613,7 +445,8 @@ pub(super) async fn promote_and_repoint(
         // The old primary's unsynchronised commits were weighed in the election; the new one
         // starts synchronous unless no replica is live.
         *shared.failover.unsynced.lock() = None;
-        if apply_synchronous_names(shared, &cfg, &node, &value).await {
+        let named = named_nodes(&view, &value);
+        if apply_synchronous_names(shared, &cfg, &node, &value, &named).await {
             *shared.failover.sync_applied.lock() = Some((node.name.clone(), value));
         }
     }
@@ -622,10 +455,11 @@ pub(super) async fn promote_and_repoint(
 
     let started = Instant::now();
     let mut tasks = JoinSet::new();
-    for name in others {
-        let Some(replica) = view.nodes.iter().find(|n| n.name == name).cloned() else {
+    for (i, replica) in view.nodes.iter().enumerate() {
+        if !live_replica(replica) || except.contains(&i) {
             continue;
-        };
+        }
+        let replica = replica.clone();
         let (cfg, primary) = (cfg.clone(), node.clone());
         tasks.spawn(async move {
             let r = actions::repoint(&cfg, &replica, &primary).await;

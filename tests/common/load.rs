@@ -99,13 +99,23 @@ pub async fn synchronous_writes(writers: i32) -> (Arc<DevCluster>, TestProxy, Wr
 
 /// Like `synchronous_writes`, with `synchronous` as given.
 pub async fn writes(writers: i32, synchronous: bool) -> (Arc<DevCluster>, TestProxy, WriteLoad) {
+    writes_configured(writers, |cfg| cfg.cluster.synchronous = synchronous).await
+}
+
+/// Like `writes`, with the proxy's config adjusted by `tweak` (after `rejoin_command` is
+/// cleared).
+pub async fn writes_configured(
+    writers: i32,
+    tweak: impl FnOnce(&mut pgpilot::config::Config),
+) -> (Arc<DevCluster>, TestProxy, WriteLoad) {
     let c = Arc::new(super::start_cluster(DevClusterOptions::default()));
     c.psql(0, "app", LEDGER).expect("create the ledger");
     let proxy = super::start_proxy(super::config(&c, |cfg| {
-        cfg.cluster.synchronous = synchronous;
         cfg.cluster.rejoin_command = None;
+        tweak(cfg);
     }))
     .await;
+    let synchronous = proxy.shared.config().cluster.synchronous;
     super::wait_failover_ready(&proxy.shared).await;
     if synchronous {
         super::node_eventually(

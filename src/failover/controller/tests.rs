@@ -13,6 +13,7 @@ fn policy() -> Policy {
         max_failover_lag: 1000,
         synchronous: false,
         unsynced: None,
+        sync_record: Default::default(),
     }
 }
 
@@ -260,4 +261,49 @@ fn after_a_crash_a_replica_still_replaying_is_not_evidence_yet() {
         assess(&c.view(), &policy(), t0),
         Verdict::NeedEvidence { .. }
     ));
+}
+
+#[test]
+fn a_named_standby_that_cannot_be_asked_keeps_the_others_out() {
+    // pg2 died first and was dropped from the list at 4900; pg3 acknowledged alone after
+    // that, then died while named; then the primary died. pg2 is back (at 4900).
+    let c = cluster_at([5000, 4900, 5000]);
+    let mut sync = policy();
+    sync.synchronous = true;
+    let all = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    sync.sync_record
+        .update("pg1", &all(&["pg2", "pg3"]), Some(Lsn(4000)));
+    sync.sync_record
+        .update("pg1", &all(&["pg3"]), Some(Lsn(4900)));
+    let t0 = Instant::now();
+    fail(&c, 2, FailureKind::Crash, t0);
+    fail(&c, 0, FailureKind::Crash, t0);
+    fail(&c, 0, FailureKind::Crash, t0 + Duration::from_millis(100));
+    let mut s = Sample::for_tests(true, 4900);
+    s.streaming = false;
+    s.started = t0 + Duration::from_millis(150);
+    ok(&c, 1, s.clone());
+    ok(&c, 1, s);
+    match assess(&c.view(), &sync, t0) {
+        Verdict::NoCandidate { why, .. } => {
+            assert!(
+                why.contains("pg3 is named synchronous and unreachable"),
+                "{why}"
+            )
+        }
+        v => panic!("pg2 may lack pg3's commits: {v:?}"),
+    }
+    // pg3 is back: the furthest wins.
+    let mut s = Sample::for_tests(true, 5000);
+    s.streaming = false;
+    s.started = t0 + Duration::from_millis(150);
+    ok(&c, 2, s.clone());
+    ok(&c, 2, s);
+    let mut s = Sample::for_tests(true, 4900);
+    s.streaming = false;
+    s.started = t0 + Duration::from_millis(150);
+    ok(&c, 1, s.clone());
+    ok(&c, 1, s);
+    let v = assess(&c.view(), &sync, t0);
+    assert!(matches!(v, Verdict::Promote { candidate: 2, .. }), "{v:?}");
 }
