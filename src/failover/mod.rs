@@ -6,6 +6,7 @@
 pub mod actions;
 pub mod controller;
 mod hook;
+mod stragglers;
 mod switchover;
 pub mod sync_record;
 mod synchronous;
@@ -197,6 +198,7 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
             continue;
         }
         tune_receivers(&shared, &view, &cfg, &mut d);
+        stragglers::repoint_stragglers(&shared, &view, &cfg, &mut d);
         if cfg.synchronous {
             keep_synchronous_names(&shared, &view, &cfg);
         }
