@@ -4,14 +4,18 @@
 //! SIGSTOP (hang). Each round measures the time from the kill to the next acknowledged write,
 //! the errors the writer saw, whether its connection survived, and acknowledged writes missing
 //! on the new primary. Between rounds the old primary is restarted and rejoins (rejoin script).
-//!   cargo bench --bench failover -- [crash rounds] [hang rounds]
-//! Prints a table and writes `target/failover.svg`, the writer's latency around one crash.
+//!   cargo bench --bench failover -- [crash rounds] [hang rounds] [drills: 1 or 0]
+//! Prints a table and writes `target/failover.svg`, the writer's latency around one crash;
+//! then runs the fault drills (`failover/drills.rs`), each on a cluster of its own.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pgpilot::demo::{DEMO_DATABASE, DEMO_PASSWORD, DEMO_USER};
 use pgpilot::devcluster::{DevCluster, DevClusterOptions};
+
+#[path = "failover/drills.rs"]
+mod drills;
 
 const PERIOD: Duration = Duration::from_millis(20);
 
@@ -31,6 +35,7 @@ fn main() {
         .filter_map(|a| a.parse::<usize>().ok());
     let crashes = args.next().unwrap_or(5);
     let hangs = args.next().unwrap_or(3);
+    let run_drills = args.next().unwrap_or(1) != 0;
     let cluster = Arc::new(DevCluster::start(DevClusterOptions::default()).expect("devcluster"));
     pgpilot::demo::load_sample_data(&cluster).expect("sample data");
     cluster
@@ -147,6 +152,15 @@ fn main() {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/failover.svg");
         std::fs::write(&path, svg(r)).expect("write svg");
         println!("\nlatency around the first crash: {}", path.display());
+    }
+    if run_drills {
+        println!();
+        for drill in [
+            runtime.block_on(drills::priority_vs_position()),
+            runtime.block_on(drills::replicas_first_strict()),
+        ] {
+            drills::print(&drill);
+        }
     }
     drop(runtime);
 }

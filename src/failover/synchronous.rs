@@ -217,7 +217,8 @@ async fn record_named(
 ) {
     let dropping = {
         let r = shared.failover.sync_record.lock();
-        r.primary != primary.name || r.named.keys().any(|n| !named.contains(n))
+        // A new primary's list drops nobody: no round trip on the promotion's path.
+        r.primary == primary.name && r.named.keys().any(|n| !named.contains(n))
     };
     let position = if dropping {
         actions::current_lsn(cfg, primary).await.ok()
