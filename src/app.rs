@@ -207,7 +207,11 @@ impl Proxy {
         }
         info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "pgpilot listening");
         tokio::pin!(shutdown);
-        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hup = signal(SignalKind::hangup()).ok();
+        // As PgBouncer: SIGUSR1 is PAUSE (every database), SIGUSR2 is RESUME.
+        let mut usr1 = signal(SignalKind::user_defined1()).ok();
+        let mut usr2 = signal(SignalKind::user_defined2()).ok();
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
@@ -220,6 +224,14 @@ impl Proxy {
                             Err(e) => warn!(error = %e, "SIGHUP: reload refused"),
                         }
                     });
+                }
+                _ = hangup(&mut usr1) => {
+                    shared.gate.pause(None);
+                    info!("SIGUSR1: paused (as PAUSE): new requests wait until SIGUSR2 or RESUME");
+                }
+                _ = hangup(&mut usr2) => {
+                    shared.gate.resume(None);
+                    info!("SIGUSR2: resumed (as RESUME)");
                 }
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
@@ -297,7 +309,8 @@ pub async fn run(
     Ok(())
 }
 
-/// Resolves on each SIGHUP (never on other platforms or when the handler cannot be set).
+/// The next delivery of a signal pgpilot listens for (SIGHUP, SIGUSR1, SIGUSR2); never when
+/// the handler could not be set.
 async fn hangup(signal: &mut Option<tokio::signal::unix::Signal>) {
     match signal {
         Some(s) => {

@@ -408,8 +408,8 @@ fn databases(shared: &Shared, config: &Config) -> Table {
             s(mode(config.proxy.pool_mode)),
             s(0),
             s(open),
-            s(i32::from(view.paused)),
-            s(0),
+            s(i32::from(view.paused || shared.gate.is_paused(&db.name))),
+            s(i32::from(shared.gate.is_disabled(&db.name))),
         ]);
     }
     t
