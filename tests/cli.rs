@@ -55,6 +55,31 @@ fn check_names_unknown_keys_and_bad_values() {
     assert!(!ok);
     assert!(err.contains("invalid duration \"soon\""), "{err}");
 
+    // A bad override is blamed on its variable; foreign PGPILOT_* variables are no error.
+    std::fs::write(&file, base).unwrap();
+    let (ok, _, err) = pgpilot(
+        &["check", "--config", file.to_str().unwrap()],
+        &[
+            ("PGPILOT_PORT", "tcp://10.0.0.1:6432"),
+            ("PGPILOT_PROXY__POOL_SIZE", "lots"),
+        ],
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("environment variable PGPILOT_PROXY__POOL_SIZE"),
+        "{err}"
+    );
+    let (ok, out, err) = pgpilot(
+        &["check", "--config", file.to_str().unwrap()],
+        &[
+            ("PGPILOT_PORT", "tcp://10.0.0.1:6432"),
+            ("PGPILOT_PROXY__ADMIN_USERS", "u"),
+            ("PGPILOT_CLUSTER__MONITOR_PASSWORD", "12345"),
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("admin_users = [\"u\"]"), "{out}");
+
     let (ok, _, err) = pgpilot(&["check", "--config", "/nonexistent.toml"], &[]);
     assert!(
         !ok && err.contains("cannot read /nonexistent.toml"),

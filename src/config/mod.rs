@@ -368,11 +368,63 @@ impl Config {
             path: path.into(),
             message,
         };
-        let mut table: toml::Table = text.parse().map_err(|e| parse_err(format!("{e}")))?;
-        env::apply_overrides(&mut table, vars).map_err(ConfigError::Env)?;
-        let config: Config = Config::deserialize(table).map_err(|e| parse_err(e.to_string()))?;
+        let file: toml::Table = text.parse().map_err(|e| parse_err(format!("{e}")))?;
+        let mut table = file.clone();
+        let applied =
+            env::apply_overrides(&mut table, &Self::schema(), vars).map_err(ConfigError::Env)?;
+        for name in &applied.ignored {
+            tracing::info!(variable = %name, "ignored: not a PGPILOT_SECTION__KEY setting");
+        }
+        let config = match Config::deserialize(table) {
+            Ok(c) => c,
+            // Blamed on the first variable after which the configuration no longer reads,
+            // else on the file.
+            Err(e) => {
+                let file_fails = Config::deserialize(file).is_err();
+                let culprit = (!file_fails)
+                    .then(|| {
+                        applied
+                            .steps
+                            .into_iter()
+                            .find_map(|(name, t)| Config::deserialize(t).err().map(|e| (name, e)))
+                    })
+                    .flatten();
+                return Err(match culprit {
+                    Some((name, e)) => {
+                        ConfigError::Env(format!("environment variable {name}: {e}"))
+                    }
+                    None => parse_err(e.to_string()),
+                });
+            }
+        };
         config.validate()?;
         Ok(config)
+    }
+
+    /// Every setting pgpilot knows, each with a value of its type (its default; one example
+    /// element for arrays of tables): what an environment override's text is read as.
+    pub fn schema() -> toml::Table {
+        let example = Config {
+            nodes: vec![NodeConfig {
+                name: String::new(),
+                host: String::new(),
+                port: default_pg_port(),
+                priority: 0,
+                no_failover: false,
+                data_dir: None,
+            }],
+            users: vec![UserConfig {
+                name: String::new(),
+                password: None,
+                server_password: None,
+            }],
+            databases: vec![DatabaseConfig {
+                name: String::new(),
+                routing: default_routing(),
+            }],
+            ..Config::default()
+        };
+        toml::Table::try_from(&example).unwrap_or_default()
     }
 
     /// Parses TOML text without the environment (tests and embedded configs).
