@@ -57,13 +57,7 @@ fn main() {
         let port = proxy.local_addr().port();
         let shared = proxy.shared().clone();
         tokio::spawn(proxy.serve(std::future::pending()));
-        let info = format!(
-            "host=127.0.0.1 port={port} user={DEMO_USER} password={DEMO_PASSWORD} dbname={DEMO_DATABASE}"
-        );
-        let (client, conn) = tokio_postgres::connect(&info, tokio_postgres::NoTls)
-            .await
-            .expect("connect");
-        tokio::spawn(conn);
+        let client = connect(port).await;
         let mut seq = 0;
         let mut rounds = Vec::new();
         for r in 0..crashes + hangs {
@@ -163,6 +157,18 @@ fn main() {
         }
     }
     drop(runtime);
+}
+
+/// A client of the proxy on `port`, as the demo user.
+async fn connect(port: u16) -> tokio_postgres::Client {
+    let info = format!(
+        "host=127.0.0.1 port={port} user={DEMO_USER} password={DEMO_PASSWORD} dbname={DEMO_DATABASE}"
+    );
+    let (client, conn) = tokio_postgres::connect(&info, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    client
 }
 
 async fn write(client: &tokio_postgres::Client, seq: i32) -> Result<(), tokio_postgres::Error> {

@@ -24,6 +24,12 @@ async fn replicas_die(c: &Arc<DevCluster>, shared: &pgpilot::app::Shared) {
     .await;
 }
 
+/// Waits until pg1's `synchronous_standby_names` satisfies `ok`.
+async fn standby_names_eventually(c: &Arc<DevCluster>, ok: impl Fn(&str) -> bool) {
+    let sql = "SHOW synchronous_standby_names";
+    node_eventually(c, 0, sql, Duration::from_secs(20), ok).await;
+}
+
 async fn restart(c: &Arc<DevCluster>, nodes: &[usize]) {
     for &i in nodes {
         let k = c.clone();
@@ -44,14 +50,7 @@ async fn strict_writes_wait_for_a_replica_and_a_promotion_loses_none() {
     let shared = proxy.shared.clone();
     replicas_die(&c, &shared).await;
     // The list still names them: commits wait instead of being acknowledged by pg1 alone.
-    node_eventually(
-        &c,
-        0,
-        "SHOW synchronous_standby_names",
-        Duration::from_secs(20),
-        |v| v.contains("pg2") && v.contains("pg3"),
-    )
-    .await;
+    standby_names_eventually(&c, |v| v.contains("pg2") && v.contains("pg3")).await;
     crash_node(&c, 0).await;
     restart(&c, &[1, 2]).await;
     let new = common::promoted(&shared, Duration::from_secs(30)).await;
@@ -72,14 +71,7 @@ async fn without_strict_no_replica_lacking_commits_is_promoted() {
     let (c, proxy, load) = writes_configured(2, |cfg| cfg.cluster.synchronous = true).await;
     let shared = proxy.shared.clone();
     replicas_die(&c, &shared).await;
-    node_eventually(
-        &c,
-        0,
-        "SHOW synchronous_standby_names",
-        Duration::from_secs(20),
-        |v| v.trim().is_empty(),
-    )
-    .await;
+    standby_names_eventually(&c, |v| v.trim().is_empty()).await;
     // Commits acknowledged by pg1 alone, which no replica holds.
     let alone = load.served_by(c.port(0));
     eventually(Duration::from_secs(10), "writes on pg1 alone", || {

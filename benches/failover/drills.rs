@@ -12,10 +12,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use pgpilot::demo::{DEMO_DATABASE, DEMO_PASSWORD, DEMO_USER};
+use pgpilot::demo::DEMO_DATABASE;
 use pgpilot::devcluster::{DevCluster, DevClusterOptions};
 
-use super::{PERIOD, wait_ready, write};
+use super::{PERIOD, connect, wait_ready, write};
 
 pub struct Drill {
     pub name: &'static str,
@@ -41,13 +41,7 @@ struct Writer {
 
 impl Writer {
     async fn start(port: u16) -> Writer {
-        let info = format!(
-            "host=127.0.0.1 port={port} user={DEMO_USER} password={DEMO_PASSWORD} dbname={DEMO_DATABASE}"
-        );
-        let (client, conn) = tokio_postgres::connect(&info, tokio_postgres::NoTls)
-            .await
-            .expect("connect");
-        tokio::spawn(conn);
+        let client = connect(port).await;
         let stop = Arc::new(AtomicBool::new(false));
         let log: Arc<Mutex<Vec<(i32, Instant, bool)>>> = Arc::default();
         let (s, l) = (stop.clone(), log.clone());
