@@ -22,14 +22,6 @@ pub(super) fn repoint_stragglers(
     let Some(p) = view.primary else {
         return;
     };
-    // A failover just repointed the replicas itself; they need a moment to connect.
-    let settled = shared.failover.history().iter().all(|r| {
-        r.at.elapsed()
-            .is_ok_and(|age| age >= super::RETRY_AFTER / 3)
-    });
-    if !settled {
-        return;
-    }
     let primary = &view.nodes[p];
     let system = primary.sample.as_ref().and_then(|s| s.system_id.clone());
     for (i, n) in view.nodes.iter().enumerate() {
@@ -43,7 +35,19 @@ pub(super) fn repoint_stragglers(
             && !sample.streaming
             && n.replay_settled
             && sample.system_id == system;
-        if !straggler || !d.due("repoint", i) {
+        if !straggler {
+            continue;
+        }
+        // A failover just repointed the replicas itself; they need a moment to connect.
+        // (Read only for a straggler: the history is copied, and this runs every tick.)
+        let settled = shared.failover.history().iter().all(|r| {
+            r.at.elapsed()
+                .is_ok_and(|age| age >= super::RETRY_AFTER / 3)
+        });
+        if !settled {
+            return;
+        }
+        if !d.due("repoint", i) {
             continue;
         }
         // Not while a failover or switchover is repointing replicas itself.
